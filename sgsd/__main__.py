@@ -1,0 +1,5 @@
+import sys
+
+from sgsd.cli import main
+
+sys.exit(main())

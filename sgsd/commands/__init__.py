@@ -1,0 +1,1 @@
+"""Subcommands of `sgsd`; see `sgsd/cli.py` for the module contract."""
