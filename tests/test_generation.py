@@ -1,0 +1,311 @@
+"""Generators: HF sampling on the tiny model, the OpenAI client against a loopback server,
+the scripted generator, and (embedded, slow) real sampling from the embedded Qwen model."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+import torch
+
+from sgsd.errors import ConfigError, UserError
+from sgsd.generation import (
+    HFGenerator,
+    OpenAIChatGenerator,
+    SamplingParams,
+    ScriptedGenerator,
+    cut_at_stop,
+    eos_token_ids,
+    make_generator,
+)
+from sgsd.models import load_policy
+from sgsd.prompts import render_chat
+
+torch.set_num_threads(2)
+PROBLEMS = ["What is 12 + 7?", [{"role": "user", "content": "Simplify 6/8 and explain every step please."}]]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return load_policy(str(tiny_model_dir), dtype="float32", device="cpu")
+
+
+def _tokens(results):
+    return [[c.token_ids for c in samples] for samples in results]
+
+
+# ---- SamplingParams and helpers ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"temperature": -0.1}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -1}, "top_k"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"n": 0}, "n must"),
+    ],
+)
+def test_sampling_params_validation(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_sampling_params_stop_string_becomes_tuple():
+    assert SamplingParams(stop="</answer>").stop == ("</answer>",)
+    assert SamplingParams(stop=["a", "b"]).stop == ("a", "b")
+
+
+@pytest.mark.parametrize(
+    "text, stop, expected",
+    [
+        ("abc</s>def", ["</s>"], ("abc", True)),
+        ("x STOP y END", ["END", "STOP"], ("x ", True)),  # the earliest hit wins
+        ("nothing here", ["END"], ("nothing here", False)),
+        ("text", None, ("text", False)),
+    ],
+)
+def test_cut_at_stop(text, stop, expected):
+    assert cut_at_stop(text, stop) == expected
+
+
+def test_eos_ids_merge_tokenizer_and_generation_config(tiny):
+    model, tokenizer = tiny
+    saved = model.generation_config.eos_token_id
+    try:
+        model.generation_config.eos_token_id = [tokenizer.eos_token_id, 7]
+        assert eos_token_ids(model, tokenizer) == [tokenizer.eos_token_id, 7]
+    finally:
+        model.generation_config.eos_token_id = saved
+
+
+# ---- HF backend on the tiny model -------------------------------------------------------------
+
+
+def test_hf_shapes_prompt_ids_and_seed(tiny):
+    model, tokenizer = tiny
+    generator = HFGenerator(model, tokenizer, batch_size=3)
+    params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, max_new_tokens=6, n=2, seed=11)
+    results = generator.generate(PROBLEMS, params)
+    assert [len(samples) for samples in results] == [2, 2]
+    for conversation, samples in zip(PROBLEMS, results, strict=True):
+        rendered = render_chat(tokenizer, conversation, enable_thinking=False)
+        expected_prompt = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+        for completion in samples:
+            assert completion.prompt_ids == expected_prompt
+            assert completion.finish_reason == "length"  # a random model does not emit EOS in 6 tokens
+            assert len(completion.token_ids) == 6
+            assert completion.text == tokenizer.decode(completion.token_ids, skip_special_tokens=True)
+    assert _tokens(generator.generate(PROBLEMS, params)) == _tokens(results)  # same seed, same samples
+    other = generator.generate(PROBLEMS, SamplingParams(temperature=1.0, max_new_tokens=6, n=2, seed=12))
+    assert _tokens(other) != _tokens(results)
+
+
+def test_hf_restores_train_mode_and_global_rng(tiny):
+    model, tokenizer = tiny
+    model.train()
+    torch.manual_seed(5)
+    expected_next = torch.rand(1)
+    torch.manual_seed(5)
+    HFGenerator(model, tokenizer).generate(["hi"], SamplingParams(max_new_tokens=3, seed=1))
+    assert torch.equal(torch.rand(1), expected_next)  # seeded sampling forks the RNG
+    assert model.training
+    model.eval()
+
+
+def test_hf_left_padding_does_not_change_greedy_output(tiny):
+    model, tokenizer = tiny
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=8)
+    alone = HFGenerator(model, tokenizer, batch_size=1).generate([PROBLEMS[0]], greedy)
+    batched = HFGenerator(model, tokenizer, batch_size=2).generate(PROBLEMS, greedy)  # row 0 gets padded
+    assert len(batched[1][0].prompt_ids) > len(batched[0][0].prompt_ids)
+    assert batched[0][0].token_ids == alone[0][0].token_ids
+
+
+def test_hf_stops_at_generation_config_eos_and_keeps_it(tiny):
+    """Declare the 3rd greedy token an EOS id: generation stops there and token_ids end with it."""
+    model, tokenizer = tiny
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=8)
+    free_run = HFGenerator(model, tokenizer).generate([PROBLEMS[0]], greedy)[0][0].token_ids
+    third = free_run[2]
+    assume_new = third not in free_run[:2]
+    saved = model.generation_config.eos_token_id
+    try:
+        model.generation_config.eos_token_id = [tokenizer.eos_token_id, third]
+        stopped = HFGenerator(model, tokenizer).generate([PROBLEMS[0]], greedy)[0][0]
+    finally:
+        model.generation_config.eos_token_id = saved
+    assert assume_new, "the tiny model repeated a token; pick another position"
+    assert stopped.finish_reason == "stop"
+    assert stopped.token_ids == free_run[:3]
+
+
+def test_hf_stop_string_cuts_text_and_tokens(tiny):
+    model, tokenizer = tiny
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=8)
+    free_run = HFGenerator(model, tokenizer).generate([PROBLEMS[0]], greedy)[0][0]
+    piece = tokenizer.decode(free_run.token_ids[3:5], skip_special_tokens=True)  # text of tokens 4-5
+    stopped = HFGenerator(model, tokenizer).generate(
+        [PROBLEMS[0]], SamplingParams(temperature=0.0, max_new_tokens=8, stop=[piece])
+    )[0][0]
+    assert stopped.finish_reason == "stop"
+    assert piece not in stopped.text and free_run.text.startswith(stopped.text)
+    assert piece in tokenizer.decode(stopped.token_ids, skip_special_tokens=True)
+    assert piece not in tokenizer.decode(stopped.token_ids[:-1], skip_special_tokens=True)
+
+
+def test_hf_overrides_model_sampling_defaults(tiny):
+    """A model's own generation_config (top_k, repetition_penalty) must not leak into sampling."""
+    model, tokenizer = tiny
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=8)
+    plain = HFGenerator(model, tokenizer).generate([PROBLEMS[0]], greedy)
+    saved = model.generation_config.repetition_penalty
+    try:
+        model.generation_config.repetition_penalty = 50.0
+        again = HFGenerator(model, tokenizer).generate([PROBLEMS[0]], greedy)
+    finally:
+        model.generation_config.repetition_penalty = saved
+    assert _tokens(again) == _tokens(plain)
+
+
+# ---- scripted ---------------------------------------------------------------------------------
+
+
+def test_scripted_list_and_function():
+    generator = make_generator("scripted", responses=["first", "second END tail", "third"])
+    out = generator.generate(["a", "b"], SamplingParams(n=1, stop=["END"]))
+    assert [[c.text for c in s] for s in out] == [["first"], ["second "]]
+    assert generator.calls[0][0] == ["a", "b"]
+    assert generator.generate(["c"], SamplingParams())[0][0].text == "third"
+    with pytest.raises(RuntimeError, match="ran out"):
+        generator.generate(["d"], SamplingParams())
+    echo = ScriptedGenerator(lambda conversation, j: f"{conversation}#{j}")
+    assert [c.text for c in echo.generate(["q"], SamplingParams(n=3))[0]] == ["q#0", "q#1", "q#2"]
+
+
+def test_unknown_backend():
+    with pytest.raises(ConfigError, match="unknown generator backend"):
+        make_generator("tgi")
+
+
+# ---- OpenAI-compatible endpoint on loopback ---------------------------------------------------
+
+
+class _ChatHandler(BaseHTTPRequestHandler):
+    requests: list[dict] = []
+
+    def do_POST(self):  # noqa: N802 (http.server naming)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).requests.append({"path": self.path, "body": body})
+        if body["model"] == "broken":
+            self.send_response(400)
+            payload = {"error": {"message": "bad model", "type": "invalid_request_error"}}
+        else:
+            self.send_response(200)
+            # this server honours at most 2 choices per request, so n=3 needs a second request
+            count = min(body.get("n", 1), 2)
+            last = body["messages"][-1]["content"]
+            choices = [
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": f"echo {last} #{i} STOP tail"},
+                    "finish_reason": "length" if i == 1 else "stop",
+                }
+                for i in range(count)
+            ]
+            payload = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"], "choices": choices}
+        data = json.dumps(payload).encode()
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def chat_server():
+    _ChatHandler.requests = []
+    server = HTTPServer(("127.0.0.1", 0), _ChatHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1", _ChatHandler.requests
+    server.shutdown()
+    server.server_close()
+
+
+def test_openai_generator_against_loopback(chat_server):
+    base_url, requests = chat_server
+    generator = OpenAIChatGenerator("judge-model", base_url, api_key="k", timeout=10, max_retries=0)
+    params = SamplingParams(temperature=0.7, top_p=0.9, top_k=20, max_new_tokens=64, n=3, seed=4, stop=["STOP"])
+    out = generator.generate(["hello", [{"role": "user", "content": "world"}]], params, enable_thinking=True)
+    assert [[c.text for c in s] for s in out] == [
+        ["echo hello #0 ", "echo hello #1 ", "echo hello #0 "],
+        ["echo world #0 ", "echo world #1 ", "echo world #0 "],
+    ]
+    assert [c.finish_reason for c in out[0]] == ["stop", "length", "stop"]
+    assert all(c.token_ids is None and c.prompt_ids is None for s in out for c in s)
+    assert len(requests) == 4  # 2 conversations x (2 choices + 1 more)
+    first = requests[0]
+    assert first["path"] == "/v1/chat/completions"
+    body = first["body"]
+    assert body["messages"] == [{"role": "user", "content": "hello"}]
+    assert (body["n"], body["temperature"], body["top_p"], body["max_tokens"], body["seed"]) == (3, 0.7, 0.9, 64, 4)
+    assert body["top_k"] == 20 and body["chat_template_kwargs"] == {"enable_thinking": True}
+    assert body["stop"] == ["STOP"]
+    assert requests[1]["body"]["n"] == 1  # only the missing sample is asked for again
+
+
+def test_openai_error_is_a_user_error(chat_server):
+    base_url, _ = chat_server
+    generator = OpenAIChatGenerator("broken", base_url, api_key="k", timeout=10, max_retries=0)
+    with pytest.raises(UserError, match="bad model"):
+        generator.generate(["x"], SamplingParams())
+
+
+# ---- vLLM (GPU) -------------------------------------------------------------------------------
+
+
+@pytest.mark.vllm
+@pytest.mark.gpu
+def test_vllm_generator_samples(tiny_model_dir):
+    pytest.importorskip("vllm")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    generator = make_generator("vllm", model_path=str(tiny_model_dir), tokenizer=tokenizer, max_lora_rank=8)
+    out = generator.generate(PROBLEMS, SamplingParams(temperature=1.0, max_new_tokens=6, n=2, seed=0))
+    assert [len(s) for s in out] == [2, 2]
+    assert all(len(c.token_ids) <= 6 and c.prompt_ids for s in out for c in s)
+
+
+# ---- embedded model ---------------------------------------------------------------------------
+
+
+@pytest.mark.embedded
+@pytest.mark.slow
+def test_embedded_qwen_samples_reproducibly():
+    """4 completions for 2 problems from the embedded Qwen2.5-Coder-0.5B on CPU, seeded.
+
+    The first run converts the model into the user cache (about 45 s, ~5.4 GB peak RAM)."""
+    pytest.importorskip("gguf")
+    model, tokenizer = load_policy("embedded:qwen2.5-coder-0.5b", device="cpu")
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in eos_token_ids(model, tokenizer)
+    generator = HFGenerator(model, tokenizer, batch_size=8)
+    params = SamplingParams(temperature=1.0, top_p=0.95, top_k=20, max_new_tokens=24, n=4, seed=0)
+    problems = ["What is 12 + 7? Answer with the number only.", "What is 3 * 5? Answer with the number only."]
+    first = generator.generate(problems, params)
+    assert [len(s) for s in first] == [4, 4]
+    assert _tokens(generator.generate(problems, params)) == _tokens(first)
+    texts = [c.text for s in first for c in s]
+    assert all(c.finish_reason in ("stop", "length") and c.token_ids for s in first for c in s)
+    for samples in first:
+        for c in samples:
+            if c.finish_reason == "stop":
+                assert c.token_ids[-1] in eos_token_ids(model, tokenizer)
+    assert any("19" in t for t in texts[:4]), texts  # the model can add: at least one sample says 19
