@@ -90,7 +90,10 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     """Every id that ends a completion: the tokenizer's eos and the generation config's eos ids."""
     ids = []
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for token_id in [tokenizer.eos_token_id, *([configured] if isinstance(configured, int) else configured or [])]:
+    for token_id in [
+        tokenizer.eos_token_id,
+        *([configured] if isinstance(configured, int) else configured or []),
+    ]:
         if token_id is not None and token_id not in ids:
             ids.append(int(token_id))
     if not ids:
@@ -176,11 +179,15 @@ class HFGenerator:
             if seed is not None:
                 torch.manual_seed(seed)
             output = self.model.generate(
-                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                generation_config=config,
             )  # [R, P + T]
         return output[:, width:].tolist()
 
-    def _completion(self, prompt: list[int], generated: list[int], eos_ids, params: SamplingParams) -> Completion:
+    def _completion(
+        self, prompt: list[int], generated: list[int], eos_ids, params: SamplingParams
+    ) -> Completion:
         """Trim a generated row to the sampled tokens: through the first EOS, or the stop string."""
         stop_at = next((k for k, t in enumerate(generated) if t in eos_ids), None)
         tokens = generated[: stop_at + 1] if stop_at is not None else generated[: params.max_new_tokens]
@@ -258,7 +265,9 @@ class VLLMGenerator:
         import vllm
 
         prompts = [
-            self.tokenizer(render_chat(self.tokenizer, c, enable_thinking), add_special_tokens=False)["input_ids"]
+            self.tokenizer(render_chat(self.tokenizer, c, enable_thinking), add_special_tokens=False)[
+                "input_ids"
+            ]
             for c in conversations
         ]
         vllm_params = vllm.SamplingParams(
@@ -300,7 +309,12 @@ class OpenAIChatGenerator:
     """
 
     def __init__(
-        self, model: str, base_url: str, api_key: str | None = None, timeout: float = 120.0, max_retries: int = 2
+        self,
+        model: str,
+        base_url: str,
+        api_key: str | None = None,
+        timeout: float = 120.0,
+        max_retries: int = 2,
     ):
         from openai import OpenAI
 
@@ -325,7 +339,9 @@ class OpenAIChatGenerator:
             extra_body["chat_template_kwargs"] = {"enable_thinking": True}
         results = []
         for conversation in conversations:
-            messages = [{"role": "user", "content": conversation}] if isinstance(conversation, str) else conversation
+            messages = (
+                [{"role": "user", "content": conversation}] if isinstance(conversation, str) else conversation
+            )
             samples: list[Completion] = []
             while len(samples) < params.n:
                 try:
@@ -347,7 +363,9 @@ class OpenAIChatGenerator:
                 for choice in response.choices:
                     text, _ = cut_at_stop(choice.message.content or "", params.stop)
                     finish = "length" if choice.finish_reason == "length" else "stop"
-                    samples.append(Completion(prompt_ids=None, token_ids=None, text=text, finish_reason=finish))
+                    samples.append(
+                        Completion(prompt_ids=None, token_ids=None, text=text, finish_reason=finish)
+                    )
             results.append(samples[: params.n])
         return results
 

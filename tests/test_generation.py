@@ -217,7 +217,13 @@ class _ChatHandler(BaseHTTPRequestHandler):
                 }
                 for i in range(count)
             ]
-            payload = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"], "choices": choices}
+            payload = {
+                "id": "x",
+                "object": "chat.completion",
+                "created": 0,
+                "model": body["model"],
+                "choices": choices,
+            }
         data = json.dumps(payload).encode()
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -242,7 +248,9 @@ def chat_server():
 def test_openai_generator_against_loopback(chat_server):
     base_url, requests = chat_server
     generator = OpenAIChatGenerator("judge-model", base_url, api_key="k", timeout=10, max_retries=0)
-    params = SamplingParams(temperature=0.7, top_p=0.9, top_k=20, max_new_tokens=64, n=3, seed=4, stop=["STOP"])
+    params = SamplingParams(
+        temperature=0.7, top_p=0.9, top_k=20, max_new_tokens=64, n=3, seed=4, stop=["STOP"]
+    )
     out = generator.generate(["hello", [{"role": "user", "content": "world"}]], params, enable_thinking=True)
     assert [[c.text for c in s] for s in out] == [
         ["echo hello #0 ", "echo hello #1 ", "echo hello #0 "],
@@ -255,7 +263,13 @@ def test_openai_generator_against_loopback(chat_server):
     assert first["path"] == "/v1/chat/completions"
     body = first["body"]
     assert body["messages"] == [{"role": "user", "content": "hello"}]
-    assert (body["n"], body["temperature"], body["top_p"], body["max_tokens"], body["seed"]) == (3, 0.7, 0.9, 64, 4)
+    assert (body["n"], body["temperature"], body["top_p"], body["max_tokens"], body["seed"]) == (
+        3,
+        0.7,
+        0.9,
+        64,
+        4,
+    )
     assert body["top_k"] == 20 and body["chat_template_kwargs"] == {"enable_thinking": True}
     assert body["stop"] == ["STOP"]
     assert requests[1]["body"]["n"] == 1  # only the missing sample is asked for again

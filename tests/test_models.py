@@ -127,7 +127,10 @@ def test_wrong_hash_is_rejected_and_leaves_no_folder(monkeypatch, tmp_path):
     located = models.locate_parts(EmbeddedModel(parts, joined_sha, "fake"))
     assert models._join_and_hash(located, None) == joined_sha
     monkeypatch.setitem(models.EMBEDDED_MODELS, "fake", EmbeddedModel(parts, "f" * 64, "fake"))
-    with pytest.raises(UserError, match=rf"sha256 {joined_sha}, expected f{{64}}.*pip install 'sgsd-fake-a==0\.9\.0' 'sgsd-fake-b==0\.9\.0'"):
+    with pytest.raises(
+        UserError,
+        match=rf"sha256 {joined_sha}, expected f{{64}}.*pip install 'sgsd-fake-a==0\.9\.0' 'sgsd-fake-b==0\.9\.0'",
+    ):
         prepare_embedded("embedded:fake", tmp_path / "cache")
     leftovers = list((tmp_path / "cache" / "models").iterdir())
     assert [p.name for p in leftovers] == ["fake.lock"]  # no temp folder, no half-built model
