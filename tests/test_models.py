@@ -136,6 +136,41 @@ def test_wrong_hash_is_rejected_and_leaves_no_folder(monkeypatch, tmp_path):
     assert [p.name for p in leftovers] == ["fake.lock"]  # no temp folder, no half-built model
 
 
+def test_concurrent_prepare_converts_once(monkeypatch, tmp_path):
+    """Two threads prepare the same model: the lock makes one convert and the other reuse it."""
+    import threading
+    import time
+
+    _fake_package(tmp_path / "site", "sgsd_fake_one", {"model.gguf": b"GGUF-bytes"})
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    part = EmbeddedPart("sgsd-fake-one", "0.1.0", "sgsd_fake_one", "model.gguf")
+    sha = hashlib.sha256(b"GGUF-bytes").hexdigest()
+    monkeypatch.setitem(models.EMBEDDED_MODELS, "fake", EmbeddedModel((part,), sha, "fake"))
+    conversions = []
+
+    def fake_convert(gguf, out):
+        conversions.append(gguf.name)
+        time.sleep(0.3)  # long enough for the second thread to reach the lock
+        out.mkdir()
+        (out / "config.json").write_text("{}")
+
+    monkeypatch.setattr(models, "_convert_gguf", fake_convert)
+    results = []
+    threads = [
+        threading.Thread(target=lambda: results.append(prepare_embedded("embedded:fake", tmp_path)))
+        for _ in range(2)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    target = models.embedded_model_dir("embedded:fake", tmp_path)
+    assert conversions == ["model.gguf"]
+    assert results == [target, target]
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", models.CONVERTED_MARKER]
+    assert sorted(p.name for p in target.parent.iterdir()) == ["fake", "fake.lock"]  # temp folder removed
+
+
 def test_unknown_embedded_name():
     with pytest.raises(ConfigError, match="known: embedded:qwen2.5-coder-0.5b"):
         prepare_embedded("embedded:gpt-5")
