@@ -407,6 +407,7 @@ class TeacherPolicy:
         self.periodic_every = periodic_every
         self.adapter_name = {"ema": "teacher_ema", "periodic": "teacher_snapshot"}.get(mode)
         self._pairs: list[tuple] = []  # (teacher param, trainable param) for ema/periodic
+        self._depth = 0  # nesting level of scoring()
         if self.adapter_name:
             self._add_teacher_adapter()
 
@@ -434,11 +435,20 @@ class TeacherPolicy:
 
     @contextlib.contextmanager
     def scoring(self):
-        """Put the model in the teacher's weights, eval mode and no grad; restore everything after."""
+        """Put the model in the teacher's weights, eval mode and no grad; restore everything after.
+
+        Re-entrant: a `scoring()` opened inside another one changes nothing and restores nothing,
+        so helpers may take `teacher.scoring` as a context factory and be called inside it.
+        """
         import torch
 
+        if self._depth > 0:
+            with torch.no_grad():
+                yield self.model
+            return
         was_training = self.model.training
         grad_flags = {p: p.requires_grad for p in self.model.parameters()}
+        self._depth += 1
         self.model.eval()
         try:
             with torch.no_grad():
@@ -454,6 +464,7 @@ class TeacherPolicy:
                 else:
                     yield self.model
         finally:
+            self._depth -= 1
             for param, flag in grad_flags.items():
                 param.requires_grad_(flag)
             self.model.train(was_training)

@@ -330,6 +330,29 @@ def test_trainable_adapter_stays_active_and_teacher_gets_no_grad(lora_model, mod
             assert param.grad is not None
 
 
+@pytest.mark.parametrize("mode", ["frozen", "ema"])
+def test_nested_scoring_keeps_teacher_weights(lora_model, mode):
+    """An inner scoring() (e.g. a helper given teacher.scoring) must not switch the outer one back."""
+    model, tokenizer = lora_model
+    ids = _ids(tokenizer)
+    teacher = TeacherPolicy(model, mode)
+    with torch.no_grad():  # move the student away from the ema copy so the two differ
+        for name, param in model.named_parameters():
+            if "lora_B.default" in name:
+                param.add_(1.0)
+    student = _logits(model.eval(), ids)
+    with teacher.scoring():
+        outer = model(input_ids=ids).logits
+        with teacher.scoring():
+            inner = model(input_ids=ids).logits
+        after_inner = model(input_ids=ids).logits
+    assert (outer - student).abs().max() > 1e-2
+    torch.testing.assert_close(inner, outer)
+    torch.testing.assert_close(after_inner, outer)
+    torch.testing.assert_close(_logits(model, ids), student)
+    assert model.active_adapter == "default"
+
+
 def test_teacher_state_dict_roundtrip(lora_model):
     model, _ = lora_model
     teacher = TeacherPolicy(model, "ema", ema_decay=0.9)
