@@ -206,25 +206,35 @@ def records(step, rewards):
 
 
 def test_evolver_triggers_window_and_threshold():
-    evo = OnlineEvolver(PARAMS, every=5, success_threshold=0.8, prompts=TEST_PROMPTS)
+    evo = OnlineEvolver(update_every=5, success_threshold=0.8, params=PARAMS, prompts=TEST_PROMPTS)
     gen = FakeGenerator(scripted_evolution)
     bank = base_bank()
-    evo.add(records(0, [-1, -1]))  # outside the window of step 5
-    evo.add(records(4, [1, 1, 1, 1]))
-    assert evo.maybe_update(3, bank, gen) == (bank, None)
+    evo.add_records(records(0, [-1, -1]))  # outside the window of step 5
+    evo.add_records([{"question": "q", "completion": "c", "reward": 1.0, "answer": "1"}] * 4, step=4)
+    same, report = evo.maybe_update(3, bank, gen)
+    assert same is bank and report == {"step": 3, "updated": False, "skipped": "not an update step"}
     same, report = evo.maybe_update(5, bank, gen)
     assert same is bank and report["window"] == 4 and report["success_rate"] == 1.0
-    assert report["skipped"].startswith("success rate 1.00 >= 0.8")
+    assert report["skipped"].startswith("success rate 1.00 >= 0.8") and not report["updated"]
     assert gen.prompts == []
     _, report = evo.maybe_update(10, bank, gen)
     assert report["skipped"] == "empty window"
 
 
+def test_evolver_window_survives_a_checkpoint():
+    evo = OnlineEvolver(update_every=5)
+    evo.add_records(records(3, [1, -1]))
+    again = OnlineEvolver(update_every=5)
+    again.load_state_dict(json.loads(json.dumps(evo.state_dict())))
+    assert again.window == evo.window and len(again.window) == 2
+
+
 def test_evolver_prunes_by_order_and_keeps_static(tmp_path):
-    evo = OnlineEvolver(PARAMS, every=5, max_new=2, capacity=3, prompts=TEST_PROMPTS, out_dir=tmp_path)
+    evo = OnlineEvolver(update_every=5, max_new=2, capacity=3, params=PARAMS, prompts=TEST_PROMPTS)
     gen = FakeGenerator(scripted_evolution)
-    evo.add(records(9, [1, -1]) + records(10, [-1]))
+    evo.add_records(records(9, [1, -1]) + records(10, [-1]))
     bank, report = evo.maybe_update(10, base_bank(), gen)
+    assert report["updated"]
     # skills: merge(Old1, Old2, N1, N2, N3) keeps all five; limit min(C=3, 2 + N=2) = 3 -> list order
     assert [(s.skill_id, s.title) for s in bank.general_skills] == [
         ("gen_001", "static"),
@@ -239,6 +249,9 @@ def test_evolver_prunes_by_order_and_keeps_static(tmp_path):
     ]
     assert report["skill"] == {"candidates": 3, "existing": 2, "kept": 3}
     assert report["success_rate"] == pytest.approx(1 / 3)
+    # extraction: 1 success + 2 failures; merges: new skills, new + old skills, new mistakes (no old ones)
+    assert (report["parse_calls"], report["parse_failures"]) == (3 + 3, 0)
+    bank.save_snapshot(tmp_path, 10)
     assert load_bank(tmp_path / "bank-step000010.json") == bank
     assert load_bank(tmp_path / "bank-latest.json") == bank
     assert bank.metadata["dynamic_id_counter"] == {"skill": 3, "mistake": 1}
@@ -252,11 +265,11 @@ def test_evolver_prunes_by_evidence_and_never_reuses_ids():
     pair2 = SimpleNamespace(skill=old2, mistake=CommonMistake("err_001", "static", "y", "h"))
     ledger.record([pair1, pair2], [0.5, -0.5], [1, -1], reward=-1.0)  # Old1 misleading, Old2 warning
     evo = OnlineEvolver(
-        PARAMS, every=5, max_new=2, capacity=3, prune="evidence", ledger=ledger, prompts=TEST_PROMPTS
+        update_every=5, max_new=2, capacity=3, prune_by_evidence=True, params=PARAMS, prompts=TEST_PROMPTS
     )
     gen = FakeGenerator(scripted_evolution)
-    evo.add(records(5, [1, -1]))
-    bank, _ = evo.maybe_update(5, base_bank(), gen)
+    evo.add_records(records(5, [1, -1]))
+    bank, _ = evo.maybe_update(5, base_bank(), gen, ledger=ledger)
     # limit 3: new entries first (N1, N2: at most N = 2), then old ones by evidence: Old2 (+1) before Old1 (-1)
     assert [(s.skill_id, s.title) for s in bank.dynamic_skills] == [
         ("dyn_003", "N1"),
@@ -264,11 +277,12 @@ def test_evolver_prunes_by_evidence_and_never_reuses_ids():
         ("dyn_002", "Old2"),
     ]
     # Old1 (dyn_001) was dropped; its id is not given to the next new entry
-    evo.add(records(10, [1, -1]))
+    evo.add_records(records(10, [1, -1]))
     bank2, _ = evo.maybe_update(
         10,
         bank,
-        FakeGenerator(
+        ledger=ledger,
+        generator=FakeGenerator(
             lambda p: (
                 json.dumps({"general_skills": [skill("N9")]})
                 if p.startswith("EXTRACT_SKILLS")

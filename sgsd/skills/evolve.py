@@ -1,8 +1,8 @@
 """Online skill evolution (paper Alg. 4, Appendix C.4).
 
-The trainer adds one `RolloutRecord` per rollout; the evolver keeps those of the last F steps
-(the reference saw only the current micro-batch, about 4 records). `maybe_update(step, bank,
-generator)` at every step:
+The trainer adds one record per rollout (`add_records`); the evolver keeps those of the last F
+steps (the reference saw only the current micro-batch, about 4 records), and the window is part
+of checkpoints (`state_dict`). `maybe_update(step, bank, generator, ledger)` at every step:
 
     skip unless step % F == 0 and the window is not empty
     skip when the window's success rate >= gamma
@@ -10,10 +10,12 @@ generator)` at every step:
     merge the new candidates of each kind (Alg. 3), then merge them with the existing dynamic
         entries of that kind (skipped when there are none)
     keep at most min(C, |existing dynamic| + N) entries per collection (N net new, capacity C):
-        prune="order"    -> the first ones in the merged list (the paper / reference)
-        prune="evidence" -> entries not in the old bank first (up to N, in list order), then old
-                            entries by ledger evidence, best first (never retrieved counts as 0)
-    static entries are never touched; save bank-latest.json and bank-step######.json
+        default                 -> the first ones in the merged list (the paper / reference)
+        prune_by_evidence=True  -> entries not in the old bank first (up to N, in list order),
+                                   then old entries by ledger evidence, best first (never
+                                   retrieved counts as 0)
+    static entries are never touched; the caller saves the result (`bank.save_snapshot(dir, step)`
+        writes bank-step######.json and bank-latest.json)
 
 Ids stay stable for the ledger: a dynamic entry that survives with identical text keeps its
 `dyn_###` id; new entries get numbers after the highest ever issued (`metadata.dynamic_id_counter`),
@@ -22,61 +24,71 @@ so an id is never reused for different text.
 
 from __future__ import annotations
 
-from collections import deque
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import asdict, dataclass
 
 from sgsd.skills.bank import SkillBank, make_mistake, make_skill
 from sgsd.skills.build import build_memory, extract_candidates
-from sgsd.skills.llm import MISTAKE, SKILL, Kind
+from sgsd.skills.llm import MISTAKE, SKILL, Kind, greedy_params
 from sgsd.skills.merge import _normal, hierarchical_merge
 from sgsd.skills.parse import ParseStats
 
 
 @dataclass(frozen=True)
 class RolloutRecord:
+    """One rollout as the evolver sees it: (question, completion, reward, answer, step)."""
+
     question: str
     completion: str
     reward: float
     answer: str
     step: int
-    predicted: str | None = None
+    predicted: str | None = None  # the verifier's extracted answer, when known
+
+    @classmethod
+    def from_dict(cls, row: dict, step: int | None = None) -> RolloutRecord:
+        return cls(
+            str(row["question"]),
+            str(row["completion"]),
+            float(row["reward"]),
+            str(row["answer"]),
+            int(row.get("step", step) if step is None else step),
+            row.get("predicted"),
+        )
 
 
 class OnlineEvolver:
+    """Alg. 4 with a window of the last `update_every` steps. `params` are the sampling settings of
+    extraction/merge calls (default: greedy with `max_new_tokens`); `prompts` overrides sgsd.prompts."""
+
     def __init__(
         self,
-        params,
         *,
-        every: int = 25,
+        update_every: int = 25,
         success_threshold: float = 0.8,
         max_new: int = 5,
         capacity: int = 30,
-        prune: str = "order",
-        ledger=None,
-        out_dir: str | Path | None = None,
-        group_size: int = 32,
-        patience: int = 3,
-        max_items: int = 3,
-        prompts=None,
+        prune_by_evidence: bool = False,
+        merge_group_size: int = 32,
+        merge_patience: int = 3,
+        max_new_tokens: int = 2048,
         enable_thinking: bool = False,
+        max_items: int = 3,
         batch_size: int = 8,
+        ledger=None,
+        params=None,
+        prompts=None,
     ):
-        if prune not in ("order", "evidence"):
-            raise ValueError(f"prune must be 'order' or 'evidence', got {prune!r}")
-        if prune == "evidence" and ledger is None:
-            raise ValueError("prune='evidence' needs a ledger")
-        self.params = params
-        self.every = every
+        self.update_every = update_every
         self.success_threshold = success_threshold
         self.max_new = max_new
         self.capacity = capacity
-        self.prune = prune
+        self.prune_by_evidence = prune_by_evidence
+        self.max_new_tokens = max_new_tokens
         self.ledger = ledger
-        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.params = params
         self.merge_options = dict(
-            group_size=group_size,
-            patience=patience,
+            group_size=merge_group_size,
+            patience=merge_patience,
             prompts=prompts,
             enable_thinking=enable_thinking,
             batch_size=batch_size,
@@ -84,90 +96,97 @@ class OnlineEvolver:
         self.extract_options = dict(
             prompts=prompts, enable_thinking=enable_thinking, max_items=max_items, batch_size=batch_size
         )
-        self.window: deque[RolloutRecord] = deque()
-        self.history: list[dict] = []  # one report per triggered step
+        self.window: list[RolloutRecord] = []
 
-    def add(self, records) -> None:
-        """Add rollout records (any order); records older than the last F steps are dropped on update."""
-        self.window.extend(records)
+    # ---- the window
+
+    def add_records(self, records, step: int | None = None) -> None:
+        """Add rollouts (RolloutRecord or dicts with question, completion, reward, answer[, step]);
+        `step` overrides the records' own step. Records older than the last F steps are dropped."""
+        for r in records:
+            self.window.append(r if isinstance(r, RolloutRecord) and step is None else _as_record(r, step))
+        if step is not None:
+            self._trim(step)
 
     def _trim(self, step: int) -> list[RolloutRecord]:
-        recent = [r for r in self.window if step - self.every < r.step <= step]
-        self.window = deque(recent)
-        return recent
+        self.window = [r for r in self.window if step - self.update_every < r.step <= step]
+        return self.window
 
-    def maybe_update(self, step: int, bank: SkillBank, generator) -> tuple[SkillBank, dict | None]:
-        """Alg. 4 at `step`; returns (bank, report) with report None when the step does not trigger."""
-        if step <= 0 or step % self.every:
-            return bank, None
+    def state_dict(self) -> dict:
+        return {"window": [asdict(r) for r in self.window]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.window = [RolloutRecord(**r) for r in state.get("window", [])]
+
+    # ---- Alg. 4
+
+    def maybe_update(self, step: int, bank: SkillBank, generator, ledger=None) -> tuple[SkillBank, dict]:
+        """Alg. 4 at `step`. Returns (bank, report); report["updated"] says whether the bank changed
+        (otherwise the same bank object comes back) and report["skipped"] why not."""
+        ledger = ledger if ledger is not None else self.ledger
+        report: dict = {"step": step, "updated": False}
+        if step <= 0 or step % self.update_every:
+            return bank, report | {"skipped": "not an update step"}
         window = self._trim(step)
-        report: dict = {"step": step, "window": len(window)}
+        report["window"] = len(window)
         if not window:
-            return bank, self._log(report | {"skipped": "empty window"})
+            return bank, report | {"skipped": "empty window"}
         successes = [r for r in window if r.reward > 0]
+        failures = [r for r in window if r.reward <= 0]
         rate = len(successes) / len(window)
         report["success_rate"] = rate
         if rate >= self.success_threshold:
-            return bank, self._log(
-                report | {"skipped": f"success rate {rate:.2f} >= {self.success_threshold}"}
-            )
-        failures = [r for r in window if r.reward <= 0]
+            return bank, report | {"skipped": f"success rate {rate:.2f} >= {self.success_threshold}"}
+        if self.prune_by_evidence and ledger is None:
+            raise ValueError("prune_by_evidence needs a ledger")
+        params = self.params if self.params is not None else greedy_params(self.max_new_tokens)
         stats = ParseStats()
         metadata = dict(bank.metadata)
         counters = dict(metadata.get("dynamic_id_counter", {}))
-        new_skills = self._collection(
-            SKILL, successes, bank.dynamic_skills, generator, stats, report, counters
+        job = dict(
+            generator=generator, params=params, stats=stats, report=report, counters=counters, ledger=ledger
         )
-        new_mistakes = self._collection(
-            MISTAKE, failures, bank.dynamic_mistakes, generator, stats, report, counters
-        )
-        report["parse"] = stats.to_dict()
+        skills = self._collection(SKILL, successes, bank.dynamic_skills, **job)
+        mistakes = self._collection(MISTAKE, failures, bank.dynamic_mistakes, **job)
+        report["parse_calls"] = stats.calls
+        report["parse_failures"] = sum(stats.failures.values())
+        report["parse_failure_reasons"] = dict(stats.failures)
         metadata["dynamic_id_counter"] = counters
-        updates = list(metadata.get("online_updates", []))
-        updates.append(
-            {k: v for k, v in report.items() if k != "parse"}
-            | {"parse_failures": stats.to_dict()["failures"]}
-        )
-        metadata["online_updates"] = updates
-        updated = bank.with_dynamic(new_skills, new_mistakes, metadata)
-        if self.out_dir is not None:
-            report["snapshot"] = str(updated.save_snapshot(self.out_dir, step))
-        return updated, self._log(report)
-
-    def _log(self, report: dict) -> dict:
-        self.history.append(report)
-        return report
+        metadata["online_updates"] = [*metadata.get("online_updates", []), dict(report, updated=True)]
+        updated = bank.with_dynamic(skills, mistakes, metadata)
+        report["updated"] = updated.fingerprint() != bank.fingerprint()
+        return (updated if report["updated"] else bank), report
 
     def _collection(
-        self, kind: Kind, records, existing, generator, stats: ParseStats, report: dict, counters: dict
+        self, kind: Kind, records, existing, *, generator, params, stats, report, counters, ledger
     ):
         memories = [build_memory(r.question, r.completion, r.reward, r.answer, r.predicted) for r in records]
-        candidates = extract_candidates(memories, kind, generator, self.params, stats, **self.extract_options)
+        candidates = extract_candidates(memories, kind, generator, params, stats, **self.extract_options)
         merged = hierarchical_merge(
-            candidates, kind, generator, self.params, stats=stats, **self.merge_options
+            candidates, kind, generator, params, stats=stats, **self.merge_options
         ).items
         if existing and merged:
             old_items = [e.content() for e in existing]
             merged = hierarchical_merge(
-                old_items + merged, kind, generator, self.params, stats=stats, **self.merge_options
+                old_items + merged, kind, generator, params, stats=stats, **self.merge_options
             ).items
         elif existing:
             merged = [e.content() for e in existing]
-        kept = self._prune(kind, merged, existing, counters)
+        kept = self._prune(kind, merged, existing, counters, ledger)
         report[kind.name] = {"candidates": len(candidates), "existing": len(existing), "kept": len(kept)}
         return kept
 
-    def _prune(self, kind: Kind, items: list[dict], existing, counters: dict) -> list:
+    def _prune(self, kind: Kind, items: list[dict], existing, counters: dict, ledger) -> list:
         old_ids = {_normal(e.content(), kind.fields): e.entry_id for e in existing}
         limit = min(self.capacity, len(existing) + self.max_new)
-        if self.prune == "order":
+        if not self.prune_by_evidence:
             chosen = items[:limit]
         else:
             new = [it for it in items if _normal(it, kind.fields) not in old_ids][: min(self.max_new, limit)]
             old = [it for it in items if _normal(it, kind.fields) in old_ids]
 
             def evidence(item):
-                value = self.ledger.evidence(kind.name, old_ids[_normal(item, kind.fields)])
+                value = ledger.evidence(kind.name, old_ids[_normal(item, kind.fields)])
                 return value if value is not None else 0.0
 
             old = sorted(old, key=evidence, reverse=True)  # stable: ties keep list order
@@ -186,3 +205,9 @@ class OnlineEvolver:
             entries.append(make(entry_id, item))
         counters[kind.name] = last
         return entries
+
+
+def _as_record(row, step: int | None) -> RolloutRecord:
+    if isinstance(row, RolloutRecord):
+        return RolloutRecord(row.question, row.completion, row.reward, row.answer, step, row.predicted)
+    return RolloutRecord.from_dict(row, step)

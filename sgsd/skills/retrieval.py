@@ -148,6 +148,10 @@ class Retriever:
         self._fingerprint: str | None = None
         self._skill_matrix = self._mistake_matrix = None
 
+    def set_bank(self, bank: SkillBank) -> None:
+        """Use another bank (e.g. after an online update); only its new texts get embedded."""
+        self.bank = bank
+
     # ---- entry embeddings, cached by bank fingerprint and by text
 
     def _refresh(self) -> None:
