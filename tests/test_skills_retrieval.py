@@ -86,7 +86,7 @@ def test_cache_invalidated_by_fingerprint_and_reuses_old_texts():
     r.retrieve("q")
     r.retrieve("q")
     assert len(emb.documents_encoded) == 5  # embedded once
-    r.bank = bank.with_dynamic([GeneralSkill("dyn_001", "s4", "p", "w")], [])
+    r.set_bank(bank.with_dynamic([GeneralSkill("dyn_001", "s4", "p", "w")], []))
     r.retrieve("q")
     assert emb.documents_encoded[5:] == ["s4. p. w"]  # only the new entry is embedded
 
