@@ -58,7 +58,8 @@ class RolloutRecord:
 
 class OnlineEvolver:
     """Alg. 4 with a window of the last `update_every` steps. `params` are the sampling settings of
-    extraction/merge calls (default: greedy with `max_new_tokens`); `prompts` overrides sgsd.prompts."""
+    extraction/merge calls (default: greedy with `max_new_tokens`); `prompts` overrides sgsd.prompts;
+    `group_embedder` forms merge groups by similarity (see sgsd.skills.merge)."""
 
     def __init__(
         self,
@@ -77,6 +78,7 @@ class OnlineEvolver:
         ledger=None,
         params=None,
         prompts=None,
+        group_embedder=None,
     ):
         self.update_every = update_every
         self.success_threshold = success_threshold
@@ -89,6 +91,7 @@ class OnlineEvolver:
         self.merge_options = dict(
             group_size=merge_group_size,
             patience=merge_patience,
+            group_embedder=group_embedder,
             prompts=prompts,
             enable_thinking=enable_thinking,
             batch_size=batch_size,
