@@ -53,9 +53,9 @@ def test_cold_start_with_embedded_model(tmp_path):
         generator,
         partial(verifier.grade_many, timeout_s=5.0, workers=0),
         solve_params=generation.SamplingParams(
-            temperature=1.0, top_p=0.95, top_k=0, max_new_tokens=96, seed=0
+            temperature=1.0, top_p=0.95, top_k=0, max_new_tokens=64, seed=0
         ),
-        extract_params=generation.SamplingParams(temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=192),
+        extract_params=generation.SamplingParams(temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=128),
         progress=False,
     )
     assert report.problems == 8 and report.successes + report.failures == 8
