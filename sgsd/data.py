@@ -409,8 +409,10 @@ def _load_hf(target: str, options: dict[str, Any], columns: dict[str, str] | Non
     else:
         preset = _preset_with_columns(HFPreset(target, "train", "", ""), columns or {})
         label = f"hf:{target}"
-    if data_files is not None:
-        rows = _read_local(Path(str(data_files)), split)
+    if (
+        data_files is not None
+    ):  # a folder is filtered by the split; the preset's default split only if present
+        rows = _read_local(Path(str(data_files)), split or preset.split, split_required=split is not None)
     else:
         rows = _read_hub(preset.hub_id, options.get("config", preset.config), split or preset.split)
     return _rows_to_problems(
@@ -451,15 +453,19 @@ def _load_local(path: Path, columns: dict[str, str] | None, split: str | None, l
     return _rows_to_problems(_read_local(path, split), preset, f"file:{label}", id_prefix=path.stem)
 
 
-def _read_local(path: Path, split: str | None) -> list[dict]:
-    """Rows of a local file, or of every data file in a folder (only files named after `split` when
-    given, e.g. test-00000-of-00001.parquet or data/test/x.jsonl)."""
+def _read_local(path: Path, split: str | None, split_required: bool = True) -> list[dict]:
+    """Rows of a local file, or of every data file in a folder. In a folder, only the files of
+    `split` (named split*, e.g. test-00000-of-00001.parquet, or inside a folder named split) are
+    read; when no file matches and the split is not `split_required`, all files are read."""
     if not path.exists():
         raise DataError(f"data file not found: {path}")
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in FILE_SUFFIXES)
         if split:
-            files = [p for p in files if p.name.startswith(split) or split in p.relative_to(path).parts[:-1]]
+            of_split = [
+                p for p in files if p.name.startswith(split) or split in p.relative_to(path).parts[:-1]
+            ]
+            files = of_split if (of_split or split_required) else files
         if not files:
             wanted = f" for split {split!r}" if split else ""
             raise DataError(f"no .jsonl/.json/.parquet/.csv files{wanted} in folder {path}")
