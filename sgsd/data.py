@@ -30,10 +30,10 @@ columns the file has.
 exactly `size` problems (default `GENERATOR_DEFAULT_SIZE`).
 
 Train/eval disjointness. Generators are seeded: build the training set and the evaluation set with
-different seeds (the trainer uses `seed` for training and `seed + 1` for evaluation). Different
-seeds rarely but possibly yield the same question for small problem spaces, so `decontaminate`
-also drops every training (and skill-bank seed) problem whose normalised text equals a held-out
-problem. See `normalise_text` for what "normalised" means.
+different seeds (convention: `seed` for training, `seed + 1` for evaluation; the trainer glue picks
+them). Different seeds rarely but possibly yield the same question for small problem spaces, so
+`decontaminate` also drops every training (and skill-bank seed) problem whose normalised text equals
+a held-out problem. See `normalise_text` for what "normalised" means.
 """
 
 from __future__ import annotations
