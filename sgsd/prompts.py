@@ -105,19 +105,32 @@ def teacher_prompt(
     return "\n\n".join(p for p in parts if p)
 
 
-def skills_in_prompt(question: str, pairs: Iterable[tuple[Any | None, Any | None]]) -> str:
+def _pair_parts(pair: Any) -> tuple[Any | None, Any | None]:
+    """A pair is a (skill, mistake) tuple or an object with .skill and .mistake (a retrieval result)."""
+    if isinstance(pair, tuple):
+        return pair
+    return pair.skill, pair.mistake
+
+
+def skills_in_prompt(question: str, pairs: Iterable[Any], answer: str | None = None) -> str:
     """One prompt holding several retrieved pairs in a single guidance block, for GRPO+Skill,
     OPSD+Skill and Base+Skill: all skills (in pair order) under General Principles, all mistakes
-    under Mistakes to Avoid, an object listed twice kept once; then the student text."""
+    under Mistakes to Avoid, an object listed twice kept once; then (OPSD+Skill teacher) the answer
+    line, then the student text. Pairs are (skill, mistake) tuples or objects with .skill/.mistake."""
     skills: list[Any] = []
     mistakes: list[Any] = []
-    for skill, mistake in pairs:
+    for pair in pairs:
+        skill, mistake = _pair_parts(pair)
         if skill is not None and not any(skill is s for s in skills):
             skills.append(skill)
         if mistake is not None and not any(mistake is m for m in mistakes):
             mistakes.append(mistake)
-    block = guidance_text(skills, mistakes)
-    return block + "\n\n" + student_prompt(question) if block else student_prompt(question)
+    parts = [
+        guidance_text(skills, mistakes),
+        answer_hint(answer) if answer is not None else "",
+        student_prompt(question),
+    ]
+    return "\n\n".join(p for p in parts if p)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -118,6 +118,14 @@ def test_skills_in_prompt_puts_all_pairs_in_one_block_and_dedupes():
     assert skills_in_prompt("What is 2+2?", []) == STUDENT
 
 
+def test_skills_in_prompt_takes_pair_objects_and_answer():
+    pair = SimpleNamespace(skill=SKILL, mistake=MISTAKE, score=0.7)  # a retrieval result
+    assert skills_in_prompt("What is 2+2?", [pair]) == teacher_prompt("What is 2+2?", SKILL, MISTAKE)
+    with_answer = skills_in_prompt("What is 2+2?", [pair], answer="4")
+    assert with_answer == guidance_block(SKILL, MISTAKE) + "\n\nThe answer is \\boxed{4}.\n\n" + STUDENT
+    assert skills_in_prompt("What is 2+2?", [], answer="4") == teacher_prompt("What is 2+2?", answer="4")
+
+
 def test_braces_in_problem_and_skill_text_come_through_verbatim():
     odd = SimpleNamespace(title="{title}", principle="Use {0} and {{x}} and {problem}.", when_to_apply="{}")
     question = "Compute {problem} where f(x)={x^2}."
