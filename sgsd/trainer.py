@@ -120,15 +120,14 @@ class Trainer:
 
         d = self.cfg.data
         self.train_problems = load_problems(d.train_source, size=d.train_size, seed=d.seed, columns=d.columns)
+        # held-out sets use their own loaders' columns (data.columns maps the training file only) and
+        # another generator seed, so generated train and eval problems differ
         self.eval_sets = {
-            src: load_problems(src, size=d.eval_size, seed=d.seed + 1, columns=d.columns)
-            for src in d.eval_sources
+            src: load_problems(src, size=d.eval_size, seed=d.seed + 1) for src in d.eval_sources
         }
         if d.contamination_guard and self.eval_sets:
             held_out = [p for probs in self.eval_sets.values() for p in probs]
-            self.train_problems, dropped = decontaminate(self.train_problems, held_out)
-            if dropped and self.is_main:
-                print(f"contamination guard: dropped {len(dropped)} training problems seen in evaluation sets")
+            self.train_problems, _dropped = decontaminate(self.train_problems, held_out)  # logs what it drops
         if not self.train_problems:
             raise UserError(f"no training problems left from {d.train_source}")
 
@@ -230,7 +229,9 @@ class Trainer:
             self.step += 1
             self.teacher.after_step(self.step)
             metrics.update(self._maybe_evolve_bank(rollouts))
-            metrics.update(step=self.step, time_s=round(time.time() - started, 3), lr=self.scheduler.get_last_lr()[0])
+            metrics.update(
+                step=self.step, time_s=round(time.time() - started, 3), lr=self.scheduler.get_last_lr()[0]
+            )
             self._log(metrics, writer)
             bar.update(1)
             bar.set_postfix(self._postfix(metrics))
@@ -289,8 +290,16 @@ class Trainer:
         for i, (problem, text, samples, pp) in enumerate(zip(problems, texts, outputs, pairs)):
             for c in samples:
                 rollouts.append(
-                    Rollout(problem, text, list(c.prompt_ids), list(c.token_ids), c.text, c.finish_reason,
-                            group=i, pairs=pp)
+                    Rollout(
+                        problem,
+                        text,
+                        list(c.prompt_ids),
+                        list(c.token_ids),
+                        c.text,
+                        c.finish_reason,
+                        group=i,
+                        pairs=pp,
+                    )
                 )
         return rollouts
 
@@ -309,7 +318,9 @@ class Trainer:
 
         v = self.cfg.verifier
         results = grade_many(
-            [(r.completion_text, r.problem.answer) for r in rollouts], timeout_s=v.timeout_s, workers=v.workers
+            [(r.completion_text, r.problem.answer) for r in rollouts],
+            timeout_s=v.timeout_s,
+            workers=v.workers,
         )
         for r, res in zip(rollouts, results):
             r.reward = 1.0 if res.correct else -1.0
@@ -324,7 +335,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         meter = MetricMeter()
         units = self._normalizer(rollouts)
-        mb = self.cfg.train.micro_batch_size * (self.cfg.rollout.num_generations if self.method.startswith("grpo") else 1)
+        mb = self.cfg.train.micro_batch_size * (
+            self.cfg.rollout.num_generations if self.method.startswith("grpo") else 1
+        )
         for start in range(0, len(rollouts), mb):
             chunk = rollouts[start : start + mb]
             loss, metrics = self._micro_batch_loss(chunk, units)
@@ -400,7 +413,12 @@ class Trainer:
 
     def _distillation_loss(self, chunk: list[Rollout], units: float) -> tuple[torch.Tensor, dict]:
         from sgsd import objectives as obj
-        from sgsd.scoring import score_divergence, score_student, score_teachers, score_topk_support, teacher_prompt_ids
+        from sgsd.scoring import (
+            score_student,
+            score_teachers,
+            score_topk_support,
+            teacher_prompt_ids,
+        )
 
         o, t = self.cfg.objective, self.cfg.teachers
         device = self.acc.device
@@ -423,19 +441,31 @@ class Trainer:
         student_prompts = [r.prompt_ids for r in chunk]
 
         if o.loss in ("reverse_kl", "forward_kl", "jsd"):
-            return self._divergence_loss(chunk, units, student_prompts, teacher_ids, completion_ids, retrieval, reward)
+            return self._divergence_loss(
+                chunk, units, student_prompts, teacher_ids, completion_ids, retrieval, reward
+            )
 
         with self.teacher.scoring():
             if o.support == "topk":
                 student_local, teacher_logp, teacher_mask = score_topk_support(
-                    self.model, student_prompts, teacher_ids, completion_ids, self.pad_id,
-                    k=o.support_top_k, chunk_rows=t.chunk_rows, chunk_size=o.position_chunk,
+                    self.model,
+                    student_prompts,
+                    teacher_ids,
+                    completion_ids,
+                    self.pad_id,
+                    k=o.support_top_k,
+                    chunk_rows=t.chunk_rows,
+                    chunk_size=o.position_chunk,
                     teacher_context=self.teacher.scoring,
                 )
             else:
                 teacher_logp, teacher_mask = score_teachers(
-                    self.model, teacher_ids, completion_ids, self.pad_id,
-                    chunk_rows=t.chunk_rows, chunk_size=o.position_chunk,
+                    self.model,
+                    teacher_ids,
+                    completion_ids,
+                    self.pad_id,
+                    chunk_rows=t.chunk_rows,
+                    chunk_size=o.position_chunk,
                 )  # [B, K, T], [B, K]
         if o.support == "topk":
             student_logp, valid = student_local, None
@@ -446,8 +476,14 @@ class Trainer:
         valid = valid if valid is not None else self._valid(completion_ids, device)
         mask = self._token_mask(completion_ids, valid)  # [B, T]
         kwargs = dict(
-            mask=mask, reward=reward, retrieval_scores=retrieval / self.cfg.skills.weight_temperature,
-            teacher_mask=teacher_mask, tau=o.tau, clip=o.clip, threshold=o.threshold, eps=o.eps,
+            mask=mask,
+            reward=reward,
+            retrieval_scores=retrieval / self.cfg.skills.weight_temperature,
+            teacher_mask=teacher_mask,
+            tau=o.tau,
+            clip=o.clip,
+            threshold=o.threshold,
+            eps=o.eps,
             use_polarity=o.use_polarity and self.method == "sgsd",
         )
         if o.loss == "sampled_rkl":
@@ -475,8 +511,15 @@ class Trainer:
         kind = {"jsd": "jsd", "forward_kl": "forward_kl", "reverse_kl": "reverse_kl"}[o.loss]
         with self.teacher.scoring_context_for_divergence():
             per_token, valid = score_divergence(
-                self.model, rows_s, rows_t, rows_c, self.pad_id, kind=kind, beta=o.jsd_beta,
-                chunk_size=o.position_chunk, teacher_context=self.teacher.scoring,
+                self.model,
+                rows_s,
+                rows_t,
+                rows_c,
+                self.pad_id,
+                kind=kind,
+                beta=o.jsd_beta,
+                chunk_size=o.position_chunk,
+                teacher_context=self.teacher.scoring,
             )  # [R, T]
         mask = self._token_mask(rows_c, valid).float()
         per_row = (per_token * mask).sum(-1) / (mask.sum(-1) + o.eps)  # [R]
@@ -498,7 +541,11 @@ class Trainer:
         o, device = self.cfg.objective, self.acc.device
         completion_ids = self._completion_ids(chunk)
         logp, valid = score_student(
-            self.model, [r.prompt_ids for r in chunk], completion_ids, self.pad_id, chunk_size=o.position_chunk
+            self.model,
+            [r.prompt_ids for r in chunk],
+            completion_ids,
+            self.pad_id,
+            chunk_size=o.position_chunk,
         )  # [G*P, T]
         group_size = self.cfg.rollout.num_generations
         rewards = torch.tensor([r.reward for r in chunk], device=device)
@@ -554,8 +601,13 @@ class Trainer:
         from accelerate.utils import broadcast_object_list, gather_object
 
         records = [
-            {"question": r.problem.question, "answer": r.problem.answer, "completion": r.completion_text,
-             "reward": r.reward, "step": self.step}
+            {
+                "question": r.problem.question,
+                "answer": r.problem.answer,
+                "completion": r.completion_text,
+                "reward": r.reward,
+                "step": self.step,
+            }
             for r in rollouts
         ]
         if self.acc.num_processes > 1:
@@ -606,7 +658,13 @@ class Trainer:
         if "frac_helpful" in m:
             out["pol(h/w/m/o/n)"] = "/".join(
                 f"{m.get(k, 0):.2f}"
-                for k in ("frac_helpful", "frac_warning", "frac_misleading", "frac_over_suppressive", "frac_neutral")
+                for k in (
+                    "frac_helpful",
+                    "frac_warning",
+                    "frac_misleading",
+                    "frac_over_suppressive",
+                    "frac_neutral",
+                )
             )
         return out
 
