@@ -632,3 +632,26 @@ def test_aggregate_modes():
     assert aggregate(values, mask, "sequence_mean").item() == pytest.approx((2 + 4) / 2)
     with pytest.raises(ValueError, match="aggregation"):
         aggregate(values, mask, "sum")
+
+
+@pytest.mark.parametrize("kind", ["reverse_kl", "jsd"])
+def test_divergence_loss_saves_no_vocabulary_sized_activations(kind):
+    # With chunked recomputation, every [.., V]-sized tensor kept for backward is a view of the input logits;
+    # the plain unchunked computation keeps several fresh [N, T, V] fp32 tensors (log-softmaxes, probs).
+    N, T, V = 2, 16, 50
+    student = torch.randn(N, T, V, requires_grad=True)
+    teacher = torch.randn(N, T, V)
+    input_storages = {student.untyped_storage().data_ptr(), teacher.untyped_storage().data_ptr()}
+    fresh = []
+
+    def pack(tensor):
+        if tensor.numel() > N * T and tensor.untyped_storage().data_ptr() not in input_storages:
+            fresh.append(tuple(tensor.shape))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        divergence_loss(student, teacher, torch.ones(N, T), kind, chunk_size=4)
+    assert fresh == []
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        generalized_jsd(student, teacher, 0.5) if kind == "jsd" else reverse_kl(student, teacher)
+    assert len(fresh) >= 2  # the check above can fail
