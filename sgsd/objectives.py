@@ -154,7 +154,8 @@ def sgsd_loss(
     """The SGSD objective (Eqs. 6, 7, 11-16): mean over problems of sum_k alpha_k rho_k l_k.
 
     Inputs: `student_logp` [B, T] sampled-token log-probs (carries the gradient; the student is scored
-    once and broadcast over the K teachers), `teacher_logp` [B, K, T] (detached here), `mask` [B, T]
+    once and broadcast over the K teachers; [B, K, T] when each teacher renormalises the student on its
+    own support, as in the top-K variant), `teacher_logp` [B, K, T] (detached here), `mask` [B, T]
     token mask m_t, `reward` [B] (+-1), `retrieval_scores` [B, K], `teacher_mask` [B, K] bool (a
     problem may have fewer than K teachers).
 
@@ -182,7 +183,7 @@ def sgsd_loss(
         raise ValueError(f"teacher_logp must be [B, K, T], got shape {tuple(teacher_logp.shape)}")
     B, K, T = teacher_logp.shape
     expected = {
-        "student_logp": (student_logp, (B, T)),
+        "student_logp": (student_logp, (B, K, T) if student_logp.dim() == 3 else (B, T)),
         "mask": (mask, (B, T)),
         "reward": (reward, (B,)),
         "retrieval_scores": (retrieval_scores, (B, K)),
@@ -194,14 +195,16 @@ def sgsd_loss(
         if tuple(tensor.shape) != shape:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(tensor.shape)}")
 
-    student = _as_float(student_logp)  # [B, T]
+    student = _as_float(student_logp)  # [B, T], or [B, K, T] when each teacher has its own support
+    if student.dim() == 2:
+        student = student.unsqueeze(1)  # [B, 1, T]  scored once, broadcast over the K teachers
     teacher = _as_float(teacher_logp).detach()  # [B, K, T]  stop-gradient
     token_w = _as_float(mask)  # [B, T]
     valid_teacher = teacher_mask.bool()  # [B, K]
     live = (token_w > 0).unsqueeze(1) & valid_teacher.unsqueeze(-1)  # [B, K, T]
 
     # Eq. 7; masked tokens and empty teacher slots are set to 0 so padding can never produce NaN.
-    delta = torch.where(live, teacher - student.unsqueeze(1), 0.0)  # [B, K, T]
+    delta = torch.where(live, teacher - student, 0.0)  # [B, K, T]
     gaps_for_support = delta.detach() if support_delta is None else support_delta.detach()
     gaps_for_support = torch.where(live, _as_float(gaps_for_support), 0.0)  # [B, K, T]
 

@@ -656,3 +656,20 @@ def test_divergence_loss_saves_no_vocabulary_sized_activations(kind):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         generalized_jsd(student, teacher, 0.5) if kind == "jsd" else reverse_kl(student, teacher)
     assert len(fresh) >= 2  # the check above can fail
+
+
+def test_sgsd_loss_accepts_per_teacher_student_logprobs():
+    # top-K support variant: each teacher renormalises the student on its own support -> student [B, K, T].
+    # With identical rows it must equal the broadcast [B, T] form; the gradient reaches every row.
+    student = torch.tensor([[-1.0, -2.0]])  # [1, 2]
+    teacher = torch.tensor([[[-0.5, -1.0], [-1.5, -2.5]]])  # [1, 2, 2]
+    common = dict(
+        mask=torch.ones(1, 2), reward=torch.tensor([1.0]), retrieval_scores=torch.zeros(1, 2),
+        teacher_mask=torch.ones(1, 2, dtype=torch.bool),
+    )
+    flat, _ = sgsd_loss(student, teacher, **common)
+    per_teacher = student.unsqueeze(1).expand(1, 2, 2).clone().requires_grad_(True)
+    local, _ = sgsd_loss(per_teacher, teacher, **common)
+    assert local.item() == pytest.approx(flat.item(), rel=1e-6)
+    local.backward()
+    assert (per_teacher.grad.abs().sum(-1) > 0).all()
