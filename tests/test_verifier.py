@@ -449,7 +449,6 @@ def test_hostile_extraction_is_fast(name):
     assert time.perf_counter() - start < 1.0
 
 
-@pytest.mark.slow
 def test_hostile_completions_are_false_within_the_timeout_and_the_pool_keeps_working(pool_workers):
     timeout_s = 2.0
     for name, completion in HOSTILE.items():
