@@ -43,6 +43,14 @@ from sgsd.fileio import append_jsonl, atomic_write_text
 
 SKILL_METHODS = {"sgsd", "opsd_skill", "grpo_skill"}
 TEACHER_METHODS = {"sgsd", "opsd", "opsd_skill"}
+# the Table 2 polarity mix, as logged by sgsd.objectives.sgsd_loss
+POLARITY_KEYS = (
+    "helpful_fraction",
+    "warning_fraction",
+    "misleading_fraction",
+    "over_suppressive_fraction",
+    "neutral_fraction",
+)
 
 
 @dataclass
@@ -338,20 +346,20 @@ class Trainer:
         mb = self.cfg.train.micro_batch_size * (
             self.cfg.rollout.num_generations if self.method.startswith("grpo") else 1
         )
+        batch_loss, nonfinite = 0.0, False
         for start in range(0, len(rollouts), mb):
             chunk = rollouts[start : start + mb]
             loss, metrics = self._micro_batch_loss(chunk, units)
             if not torch.isfinite(loss):
-                meter.add({"nonfinite_loss": 1.0})
-                loss = loss.new_zeros(()) * 0.0
-                self.optimizer.zero_grad(set_to_none=True)
-                metrics = {}
+                nonfinite = True  # nothing of this step may reach the weights
                 break
             loss.backward()
+            batch_loss += float(loss.detach())
             meter.add(metrics, weight=len(chunk))
         rewards = torch.tensor([r.reward for r in rollouts], dtype=torch.float32)
         stats = meter.mean()
-        skip = self._all_ranks_any(stats.get("nonfinite_loss", 0.0) > 0)
+        stats["loss"] = batch_loss
+        skip = self._all_ranks_any(nonfinite)
         grad_norm = self._sync_and_clip()
         if skip or not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
@@ -475,10 +483,12 @@ class Trainer:
             )  # [B, T]
         valid = valid if valid is not None else self._valid(completion_ids, device)
         mask = self._token_mask(completion_ids, valid)  # [B, T]
-        kwargs = dict(
+        loss, metrics = obj.sgsd_loss(
+            student_logp,
+            teacher_logp,
             mask=mask,
             reward=reward,
-            retrieval_scores=retrieval / self.cfg.skills.weight_temperature,
+            retrieval_scores=retrieval / self.cfg.skills.weight_temperature,  # Eq. 6 with a temperature
             teacher_mask=teacher_mask,
             tau=o.tau,
             clip=o.clip,
@@ -486,10 +496,10 @@ class Trainer:
             eps=o.eps,
             use_polarity=o.use_polarity and self.method == "sgsd",
         )
-        if o.loss == "sampled_rkl":
-            loss, metrics = obj.sgsd_loss(student_logp, teacher_logp, gate="sampled_rkl", **kwargs)
-        else:
-            loss, metrics = obj.sgsd_loss(student_logp, teacher_logp, **kwargs)
+        if (
+            o.loss == "sampled_rkl"
+        ):  # same polarity and weights, sampled-token reverse-KL gradient per teacher
+            loss = _polarity_weighted_sampled_rkl(student_logp, teacher_logp, mask, metrics, o.eps)
         self._record_ledger(chunk, metrics)
         # sgsd_loss averages over the micro-batch's problems; rescale to the batch objective
         return loss * (len(chunk) / units), _scalars(metrics)
@@ -655,17 +665,8 @@ class Trainer:
     @staticmethod
     def _postfix(m: dict) -> dict:
         out = {"reward": f"{m.get('reward_mean', 0):+.2f}", "loss": f"{m.get('loss', 0):.4f}"}
-        if "frac_helpful" in m:
-            out["pol(h/w/m/o/n)"] = "/".join(
-                f"{m.get(k, 0):.2f}"
-                for k in (
-                    "frac_helpful",
-                    "frac_warning",
-                    "frac_misleading",
-                    "frac_over_suppressive",
-                    "frac_neutral",
-                )
-            )
+        if POLARITY_KEYS[0] in m:
+            out["pol(h/w/m/o/n)"] = "/".join(f"{m.get(k, 0):.2f}" for k in POLARITY_KEYS)
         return out
 
     def save_checkpoint(self) -> Path | None:
@@ -741,6 +742,15 @@ class Trainer:
         print(f"eval step {step}: {line}")
         self.acc.wait_for_everyone()
         return summary
+
+
+def _polarity_weighted_sampled_rkl(student_logp, teacher_logp, mask, metrics, eps) -> torch.Tensor:
+    """mean_b sum_k alpha_k rho_k * (-masked mean_t stopgrad(Delta_t) * log p_S(y_t)) (Fig. 3(c) option)."""
+    student = student_logp if student_logp.dim() == 3 else student_logp.unsqueeze(1)  # [B, K|1, T]
+    m = mask.float().unsqueeze(1)  # [B, 1, T]
+    delta = torch.where(m > 0, teacher_logp.detach() - student.detach(), 0.0)  # [B, K, T]
+    per_teacher = -(delta * student * m).sum(-1) / (m.sum(-1) + eps)  # [B, K]
+    return (metrics["weights"] * metrics["rho"] * per_teacher).sum(-1).mean()
 
 
 def _scalars(metrics: dict) -> dict:

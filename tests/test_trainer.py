@@ -68,7 +68,9 @@ def test_sgsd_logs_the_polarity_mix(tmp_path, tiny_model_dir, monkeypatch):
     _alternating_grades(monkeypatch)
     run = _train(tmp_path, tiny_model_dir, "train.method=sgsd")
     row = read_jsonl(run / "metrics.jsonl")[0]
-    fractions = [
+    from sgsd.trainer import POLARITY_KEYS
+
+    fractions = [row[k] for k in POLARITY_KEYS]
         row[k]
         for k in ("frac_helpful", "frac_warning", "frac_misleading", "frac_over_suppressive", "frac_neutral")
     ]
