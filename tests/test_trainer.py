@@ -71,9 +71,6 @@ def test_sgsd_logs_the_polarity_mix(tmp_path, tiny_model_dir, monkeypatch):
     from sgsd.trainer import POLARITY_KEYS
 
     fractions = [row[k] for k in POLARITY_KEYS]
-        row[k]
-        for k in ("frac_helpful", "frac_warning", "frac_misleading", "frac_over_suppressive", "frac_neutral")
-    ]
     assert sum(fractions) == pytest.approx(1.0, abs=1e-6)
     assert 0.0 < row["kept_token_fraction"] <= 1.0
 
