@@ -113,7 +113,8 @@ class Trainer:
         self._build_skills()
         self._build_optimizer()
         self.step = 0
-        self.window_records: list[dict] = []
+        self.train_time_s = 0.0  # seconds spent in training steps (the budget clock)
+        self.last_eval_time_s = 0.0
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "config.yaml", dump_config(cfg))
@@ -229,6 +230,13 @@ class Trainer:
         )
         writer = self._tensorboard()
         while self.step < t.steps:
+            over_budget = bool(t.time_budget_s) and self.train_time_s >= t.time_budget_s
+            if self._all_ranks_any(over_budget):  # every rank stops at the same step
+                if self.is_main:
+                    print(f"time budget of {t.time_budget_s:.0f} s reached at step {self.step}")
+                if self.step % t.save_every:
+                    self.save_checkpoint()
+                break
             started = time.time()
             problems = self._sample_problems(self.step)
             rollouts = self._rollouts(problems, self.step)
@@ -237,8 +245,13 @@ class Trainer:
             self.step += 1
             self.teacher.after_step(self.step)
             metrics.update(self._maybe_evolve_bank(rollouts))
+            step_time = time.time() - started
+            self.train_time_s += step_time
             metrics.update(
-                step=self.step, time_s=round(time.time() - started, 3), lr=self.scheduler.get_last_lr()[0]
+                step=self.step,
+                time_s=round(step_time, 3),
+                train_time_s=round(self.train_time_s, 3),
+                lr=self.scheduler.get_last_lr()[0],
             )
             self._log(metrics, writer)
             bar.update(1)
@@ -246,7 +259,9 @@ class Trainer:
             last = metrics
             if self.step % t.save_every == 0 or self.step == t.steps:
                 self.save_checkpoint()
-            if t.eval_every and self.step % t.eval_every == 0 and self.step != t.steps:
+            due_by_steps = t.eval_every and self.step % t.eval_every == 0
+            due_by_time = t.eval_every_s and self.train_time_s >= self.last_eval_time_s + t.eval_every_s
+            if self._all_ranks_any(bool(due_by_steps or due_by_time)) and self.step != t.steps:
                 self.evaluate(step=self.step)
         bar.close()
         if writer is not None:
@@ -706,7 +721,9 @@ class Trainer:
             self.retriever.set_bank(self.bank)
         if state.get("ledger") is not None and self.ledger is not None:
             self.ledger = state["ledger"]
-        _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+        rows = _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+        self.train_time_s = float(rows[-1].get("train_time_s", 0.0)) if rows else 0.0
+        self.last_eval_time_s = self.train_time_s
         if self.is_main:
             print(f"resumed from step {self.step}")
 
@@ -715,6 +732,7 @@ class Trainer:
 
     def evaluate(self, step: int) -> dict:
         """Held-out avg@k with the current weights; written to RUN/eval/step-XXXXXX/ (main process)."""
+        self.last_eval_time_s = self.train_time_s
         if not self.is_main:
             self.acc.wait_for_everyone()
             return {}
@@ -765,14 +783,15 @@ def _scalars(metrics: dict) -> dict:
     return out
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
+def _truncate_metrics(path: Path, step: int) -> list[dict]:
     """On resume, drop metric rows logged after the checkpoint (they will be produced again)."""
     if not path.exists():
-        return
+        return []
     from sgsd.fileio import atomic_write_jsonl, read_jsonl
 
     rows = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
     atomic_write_jsonl(path, rows)
+    return rows
 
 
 def default_run_dir(cfg: Config) -> Path:
