@@ -180,7 +180,11 @@ def skill_prompt_fn(retriever) -> Callable[[str], str]:
     """Base+Skill: a prompt function that puts the retrieved (skill, mistake) pairs in the prompt."""
     from sgsd.prompts import skills_in_prompt
 
-    return lambda question: skills_in_prompt(question, retriever.retrieve(question))
+    def prompt(question: str) -> str:
+        pairs = retriever.retrieve(question)  # RetrievedPair objects or (skill, mistake) tuples
+        return skills_in_prompt(question, [(p.skill, p.mistake) if hasattr(p, "skill") else p for p in pairs])
+
+    return prompt
 
 
 def _read_and_repair(path: Path) -> list[dict]:

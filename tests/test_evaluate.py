@@ -74,9 +74,8 @@ def fake_grade(pairs):
     out = []
     for text, gold in pairs:
         ans = boxed(text)
-        ok = ans is not None and (
-            normalize_answer(ans) == normalize_answer(gold) or _num(ans) == _num(gold) != None
-        )  # noqa: E711
+        same_number = ans is not None and _num(ans) is not None and _num(ans) == _num(gold)
+        ok = ans is not None and (normalize_answer(ans) == normalize_answer(gold) or same_number)
         out.append(FakeGrade(ok, "match" if ok else "mismatch", ans))
     return out
 
