@@ -299,6 +299,63 @@ def evaluate_problems(
     return summarize_records([done[i] for i in ids], k)
 
 
+def evaluate_sources(
+    generator,
+    eval_sets: dict[str, Sequence],
+    out_dir: str | Path,
+    k: int,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    max_new_tokens: int,
+    enable_thinking: bool,
+    seed: int = 0,
+    retriever=None,
+    verifier_timeout_s: float = 5.0,
+    verifier_workers: int = 2,
+    step: int | None = None,
+    checkpoint: str | None = None,
+    grade_fn: Callable | None = None,
+) -> dict:
+    """Evaluate the generator's current weights on several sources (the trainer's in-loop evaluation):
+    writes `out_dir/SOURCE.jsonl` per source and `out_dir/summary.json`
+    ({"step", "checkpoint", "results": {slug: metrics}}), and returns the summary."""
+    from functools import partial
+
+    from sgsd.generation import SamplingParams
+
+    if grade_fn is None:
+        from sgsd.verifier import grade_many
+
+        grade_fn = partial(grade_many, timeout_s=verifier_timeout_s, workers=verifier_workers)
+    params = SamplingParams(
+        temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, n=k
+    )
+    prompt_fn = skill_prompt_fn(retriever) if retriever is not None else None
+    out_dir = Path(out_dir)
+    results = {
+        source_slug(name): evaluate_problems(
+            generator,
+            problems,
+            k,
+            params,
+            enable_thinking,
+            out_dir / f"{source_slug(name)}.jsonl",
+            prompt_fn=prompt_fn,
+            grade_fn=grade_fn,
+            seed=seed,
+        )  # fmt: skip
+        for name, problems in eval_sets.items()
+    }
+    summary = {
+        "step": step,
+        "checkpoint": checkpoint or ("base" if step == 0 else "live"),
+        "results": results,
+    }
+    atomic_write_json(out_dir / "summary.json", summary)
+    return summary
+
+
 # ----------------------------------------------------------------------------
 # Checkpoint sweeps over a run folder
 

@@ -387,3 +387,93 @@ def test_evaluate_run_sweeps_base_and_checkpoints(tmp_path):
 
     with pytest.raises(UserError, match="no checkpoint for step"):
         evaluate_run(run, sources, factory, 4, FakeParams(), False, steps=[75], log=lambda _: None)
+
+
+# ----------------------------------------------------------------------------
+# Glue: the trainer's evaluate_sources and the `sgsd eval` command (model, data and verifier faked)
+
+
+def _patch_module(monkeypatch, name, **attrs):
+    """Set attributes on module `name`, creating a stand-in module when it has not landed yet."""
+    import importlib
+    import sys
+    import types
+
+    try:
+        module = importlib.import_module(name)
+    except ImportError:
+        module = types.ModuleType(name)
+        monkeypatch.setitem(sys.modules, name, module)
+    for key, value in attrs.items():
+        monkeypatch.setattr(module, key, value, raising=False)
+    return module
+
+
+def test_evaluate_sources_writes_layout_for_the_trainer(tmp_path, monkeypatch):
+    import sgsd.evaluate as evaluate_mod
+    from sgsd.evaluate import evaluate_sources
+
+    _patch_module(monkeypatch, "sgsd.generation", SamplingParams=FakeParams)
+    monkeypatch.setattr(evaluate_mod, "_student_prompt", prompt)
+    gen = ScriptGenerator({"ten": ["\\boxed{10}", "\\boxed{1}"]})
+    out = tmp_path / "eval" / "step-000000"
+    summary = evaluate_sources(
+        gen, {"reasoning_gym:chain_sum": [FakeProblem("a", "ten", "10")]}, out, k=2,
+        temperature=1.0, top_p=0.95, top_k=0, max_new_tokens=16, enable_thinking=True, seed=3, step=0,
+        grade_fn=fake_grade,
+    )  # fmt: skip
+    assert summary["step"] == 0 and summary["checkpoint"] == "base"
+    assert summary["results"]["reasoning_gym-chain_sum"]["avg@k"] == pytest.approx(0.5)  # 1 of 2
+    assert json.loads((out / "summary.json").read_text()) == summary
+    assert (out / "reasoning_gym-chain_sum.jsonl").is_file()
+    params = gen.calls[0][1]
+    assert (params.temperature, params.top_p, params.top_k, params.max_new_tokens, params.n, params.seed) == (
+        1.0, 0.95, 0, 16, 2, 3,
+    )  # fmt: skip
+
+
+def test_eval_command_on_a_run_writes_summaries_and_selection(tmp_path, monkeypatch, capsys):
+    import sgsd.commands.eval as eval_cmd
+    from sgsd.cli import main
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-000025" / "adapter").mkdir(parents=True)
+    (run / "checkpoints" / "step-000025" / "adapter" / "adapter_config.json").write_text("{}")
+    (run / "config.yaml").write_text("train:\n  method: sgsd\n  seed: 5\neval:\n  k: 3\n")
+    problems = {"hf:ten": [FakeProblem("t", "ten", "10")], "hf:seven": [FakeProblem("s", "seven", "7")]}
+    _patch_module(monkeypatch, "sgsd.generation", SamplingParams=FakeParams)
+    _patch_module(monkeypatch, "sgsd.data", load_problems=lambda source, **kw: problems[source])
+    _patch_module(monkeypatch, "sgsd.verifier", grade_many=lambda pairs, **kw: fake_grade(pairs))
+    seen = []
+
+    def factory_for(cfg):
+        def factory(adapter):
+            seen.append(adapter)
+            right = 3 if adapter else 1  # the checkpoint gets 'ten' right 3 of 3 times, the base 1 of 3
+            return ScriptGenerator({"ten": ["\\boxed{10}"] * right + ["\\boxed{0}"] * (3 - right),
+                                    "seven": ["\\boxed{7}"] * 3})  # fmt: skip
+
+        return factory
+
+    monkeypatch.setattr(eval_cmd, "_generator_factory", factory_for)
+    from sgsd import evaluate as evaluate_mod
+
+    monkeypatch.setattr(evaluate_mod, "_student_prompt", prompt)
+    code = main(["eval", "--run", str(run), "--sources", "hf:ten", "--validation-sources", "hf:seven"])
+    assert code == 0
+    assert seen == [None, run / "checkpoints" / "step-000025" / "adapter"]
+    s25 = json.loads((run / "eval" / "step-000025" / "summary.json").read_text())
+    assert s25["results"]["ten"]["avg@k"] == pytest.approx(1.0) and s25["results"]["ten"]["k"] == 3
+    s0 = json.loads((run / "eval" / "step-000000" / "summary.json").read_text())
+    assert s0["results"]["ten"]["avg@k"] == pytest.approx(1 / 3)
+    selection = json.loads((run / "eval" / "selection.json").read_text())
+    assert selection["best_on_test"]["step"] == 25 and selection["validation"]["step"] == 25
+    out = capsys.readouterr().out
+    assert "best on the test sources: step 25" in out and "avg@k" in out
+
+    # --checkpoints best re-evaluates only the step ranked first by the existing summaries
+    seen.clear()
+    assert main(["eval", "--run", str(run), "--sources", "hf:ten", "--checkpoints", "best"]) == 0
+    assert seen == [run / "checkpoints" / "step-000025" / "adapter"]
+    assert main(["eval", "--run", str(run), "--checkpoints", "1,x"]) == 2
+    assert "comma-separated steps" in capsys.readouterr().err

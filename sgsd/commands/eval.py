@@ -61,11 +61,19 @@ def run(args) -> int:
     if k < 1:
         raise UserError(f"--k must be >= 1, got {k}")
 
+    if run_dir is None and args.checkpoints != "all":
+        raise UserError("--checkpoints needs --run RUN_DIR")
+    test_sources = args.sources or cfg.data.eval_sources
+    out = Path(args.out) if args.out else None
+    steps = None
+    if run_dir is not None:
+        out = out or run_dir / "eval"
+        steps = _parse_checkpoints(args.checkpoints, out, [source_slug(s) for s in test_sources])
+
     from sgsd.data import load_problems
     from sgsd.generation import SamplingParams
     from sgsd.verifier import grade_many
 
-    test_sources = args.sources or cfg.data.eval_sources
     all_sources = list(dict.fromkeys([*test_sources, *args.validation_sources]))
     problems = {
         s: load_problems(s, size=cfg.data.eval_size, seed=cfg.data.seed, columns=cfg.data.columns or None)
@@ -85,7 +93,7 @@ def run(args) -> int:
     common = dict(prompt_fn=prompt_fn, grade_fn=grade_fn, seed=cfg.train.seed)
 
     if run_dir is None:
-        out = Path(args.out or Path("runs") / "eval" / source_slug(cfg.model.name))
+        out = out or Path("runs") / "eval" / source_slug(cfg.model.name)
         generator = factory(Path(args.adapter) if args.adapter else None)
         results = {}
         for name, probs in problems.items():
@@ -105,8 +113,6 @@ def run(args) -> int:
         print(f"wrote {out}/summary.json")
         return 0
 
-    out = Path(args.out) if args.out else run_dir / "eval"
-    steps = _parse_checkpoints(args.checkpoints, out, [source_slug(s) for s in test_sources])
     result = evaluate_run(
         run_dir, problems, factory, k, params, cfg.eval.enable_thinking,
         validation_sources=args.validation_sources, steps=steps, out_dir=out, **common,
