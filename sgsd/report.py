@@ -47,11 +47,11 @@ METHOD_NAMES = {
 }
 ROW_ORDER = list(METHOD_NAMES.values())
 POLARITY = [  # metrics.jsonl column, legend label, colour
-    ("frac_helpful", "helpful", "#2e7d32"),
-    ("frac_warning", "warning", "#1565c0"),
-    ("frac_misleading", "misleading", "#c62828"),
-    ("frac_over_suppressive", "over-suppressive", "#ef6c00"),
-    ("frac_neutral", "neutral", "#9e9e9e"),
+    ("helpful_fraction", "helpful", "#2e7d32"),
+    ("warning_fraction", "warning", "#1565c0"),
+    ("misleading_fraction", "misleading", "#c62828"),
+    ("over_suppressive_fraction", "over-suppressive", "#ef6c00"),
+    ("neutral_fraction", "neutral", "#9e9e9e"),
 ]
 
 
@@ -314,7 +314,7 @@ def plot_polarity(runs: Sequence[RunData], out_png: Path, smooth: int = 5) -> Pa
 
 def plot_signals(runs: Sequence[RunData], out_png: Path, smooth: int = 5) -> Path | None:
     """Mean robust support and mean reward against step, one line per run."""
-    keys = [(k, t) for k, t in (("support_mean", "mean robust support"), ("reward_mean", "mean reward"))
+    keys = [(k, t) for k, t in (("mean_support", "mean robust support"), ("reward_mean", "mean reward"))
             if any(k in row for run in runs for row in run.metrics)]  # fmt: skip
     if not keys:
         return None

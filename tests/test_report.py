@@ -37,12 +37,12 @@ def write_run(root, name, method, seed, evals, steps=50):
             misleading = 0.15 - 0.1 * step / steps
             rest = 1 - helpful - misleading
             row |= {
-                "frac_helpful": helpful,
-                "frac_warning": 0.35 * rest,
-                "frac_misleading": misleading,
-                "frac_over_suppressive": 0.15 * rest,
-                "frac_neutral": 0.5 * rest,
-                "support_mean": 0.1 * math.sin(step / 5) + 0.02 * seed,
+                "helpful_fraction": helpful,
+                "warning_fraction": 0.35 * rest,
+                "misleading_fraction": misleading,
+                "over_suppressive_fraction": 0.15 * rest,
+                "neutral_fraction": 0.5 * rest,
+                "mean_support": 0.1 * math.sin(step / 5) + 0.02 * seed,
             }
         rows.append(row)
     atomic_write_jsonl(run / "metrics.jsonl", rows)
