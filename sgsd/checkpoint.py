@@ -63,8 +63,9 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save(run_dir, step: int, *, model, optimizer, scheduler, teacher=None, bank=None, ledger=None,
-         evolver=None) -> Path:
+def save(
+    run_dir, step: int, *, model, optimizer, scheduler, teacher=None, bank=None, ledger=None, evolver=None
+) -> Path:
     from safetensors.torch import save_file
 
     final = checkpoint_dir(run_dir, step)
@@ -102,7 +103,9 @@ def save(run_dir, step: int, *, model, optimizer, scheduler, teacher=None, bank=
         _fsync_dir(final.parent)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"cannot write checkpoint {final}: {exc.strerror or exc}; earlier checkpoints are intact") from exc
+        raise UserError(
+            f"cannot write checkpoint {final}: {exc.strerror or exc}; earlier checkpoints are intact"
+        ) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -124,7 +127,7 @@ def complete_checkpoints(run_dir) -> list[Path]:
             continue
         if state.get("complete"):
             found.append(d)
-    return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX):]))
+    return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX) :]))
 
 
 def load_latest(run_dir, *, model, optimizer, scheduler, teacher=None, evolver=None) -> dict | None:

@@ -219,6 +219,10 @@ class TrainConfig:
     save_every: int = 25
     # evaluate held-out problems every N steps (0 = only before and after training)
     eval_every: int = 0
+    # stop after this many seconds of training steps (0 = no limit; evaluation time is not counted)
+    time_budget_s: float = 0.0
+    # also evaluate every this many seconds of training (0 = off); for equal-wall-clock comparisons
+    eval_every_s: float = 0.0
     # write TensorBoard event files beside metrics.jsonl
     tensorboard: bool = True
     # show a progress bar
@@ -314,6 +318,8 @@ RANGES: dict[tuple[str, str], tuple[Any, str]] = {
     ("train", "warmup_steps"): _NON_NEGATIVE,
     ("train", "save_every"): _AT_LEAST_ONE,
     ("train", "eval_every"): _NON_NEGATIVE,
+    ("train", "time_budget_s"): _NON_NEGATIVE,
+    ("train", "eval_every_s"): _NON_NEGATIVE,
     ("eval", "k"): _AT_LEAST_ONE,
     ("eval", "temperature"): _POSITIVE,
     ("eval", "top_p"): _UNIT,

@@ -43,6 +43,14 @@ from sgsd.fileio import append_jsonl, atomic_write_text
 
 SKILL_METHODS = {"sgsd", "opsd_skill", "grpo_skill"}
 TEACHER_METHODS = {"sgsd", "opsd", "opsd_skill"}
+# the Table 2 polarity mix, as logged by sgsd.objectives.sgsd_loss
+POLARITY_KEYS = (
+    "helpful_fraction",
+    "warning_fraction",
+    "misleading_fraction",
+    "over_suppressive_fraction",
+    "neutral_fraction",
+)
 
 
 @dataclass
@@ -105,7 +113,8 @@ class Trainer:
         self._build_skills()
         self._build_optimizer()
         self.step = 0
-        self.window_records: list[dict] = []
+        self.train_time_s = 0.0  # seconds spent in training steps (the budget clock)
+        self.last_eval_time_s = 0.0
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "config.yaml", dump_config(cfg))
@@ -120,15 +129,14 @@ class Trainer:
 
         d = self.cfg.data
         self.train_problems = load_problems(d.train_source, size=d.train_size, seed=d.seed, columns=d.columns)
+        # held-out sets use their own loaders' columns (data.columns maps the training file only) and
+        # another generator seed, so generated train and eval problems differ
         self.eval_sets = {
-            src: load_problems(src, size=d.eval_size, seed=d.seed + 1, columns=d.columns)
-            for src in d.eval_sources
+            src: load_problems(src, size=d.eval_size, seed=d.seed + 1) for src in d.eval_sources
         }
         if d.contamination_guard and self.eval_sets:
             held_out = [p for probs in self.eval_sets.values() for p in probs]
-            self.train_problems, dropped = decontaminate(self.train_problems, held_out)
-            if dropped and self.is_main:
-                print(f"contamination guard: dropped {len(dropped)} training problems seen in evaluation sets")
+            self.train_problems, _dropped = decontaminate(self.train_problems, held_out)  # logs what it drops
         if not self.train_problems:
             raise UserError(f"no training problems left from {d.train_source}")
 
@@ -222,6 +230,13 @@ class Trainer:
         )
         writer = self._tensorboard()
         while self.step < t.steps:
+            over_budget = bool(t.time_budget_s) and self.train_time_s >= t.time_budget_s
+            if self._all_ranks_any(over_budget):  # every rank stops at the same step
+                if self.is_main:
+                    print(f"time budget of {t.time_budget_s:.0f} s reached at step {self.step}")
+                if self.step % t.save_every:
+                    self.save_checkpoint()
+                break
             started = time.time()
             problems = self._sample_problems(self.step)
             rollouts = self._rollouts(problems, self.step)
@@ -230,14 +245,23 @@ class Trainer:
             self.step += 1
             self.teacher.after_step(self.step)
             metrics.update(self._maybe_evolve_bank(rollouts))
-            metrics.update(step=self.step, time_s=round(time.time() - started, 3), lr=self.scheduler.get_last_lr()[0])
+            step_time = time.time() - started
+            self.train_time_s += step_time
+            metrics.update(
+                step=self.step,
+                time_s=round(step_time, 3),
+                train_time_s=round(self.train_time_s, 3),
+                lr=self.scheduler.get_last_lr()[0],
+            )
             self._log(metrics, writer)
             bar.update(1)
             bar.set_postfix(self._postfix(metrics))
             last = metrics
             if self.step % t.save_every == 0 or self.step == t.steps:
                 self.save_checkpoint()
-            if t.eval_every and self.step % t.eval_every == 0 and self.step != t.steps:
+            due_by_steps = t.eval_every and self.step % t.eval_every == 0
+            due_by_time = t.eval_every_s and self.train_time_s >= self.last_eval_time_s + t.eval_every_s
+            if self._all_ranks_any(bool(due_by_steps or due_by_time)) and self.step != t.steps:
                 self.evaluate(step=self.step)
         bar.close()
         if writer is not None:
@@ -289,8 +313,16 @@ class Trainer:
         for i, (problem, text, samples, pp) in enumerate(zip(problems, texts, outputs, pairs)):
             for c in samples:
                 rollouts.append(
-                    Rollout(problem, text, list(c.prompt_ids), list(c.token_ids), c.text, c.finish_reason,
-                            group=i, pairs=pp)
+                    Rollout(
+                        problem,
+                        text,
+                        list(c.prompt_ids),
+                        list(c.token_ids),
+                        c.text,
+                        c.finish_reason,
+                        group=i,
+                        pairs=pp,
+                    )
                 )
         return rollouts
 
@@ -309,7 +341,9 @@ class Trainer:
 
         v = self.cfg.verifier
         results = grade_many(
-            [(r.completion_text, r.problem.answer) for r in rollouts], timeout_s=v.timeout_s, workers=v.workers
+            [(r.completion_text, r.problem.answer) for r in rollouts],
+            timeout_s=v.timeout_s,
+            workers=v.workers,
         )
         for r, res in zip(rollouts, results):
             r.reward = 1.0 if res.correct else -1.0
@@ -324,21 +358,23 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         meter = MetricMeter()
         units = self._normalizer(rollouts)
-        mb = self.cfg.train.micro_batch_size * (self.cfg.rollout.num_generations if self.method.startswith("grpo") else 1)
+        mb = self.cfg.train.micro_batch_size * (
+            self.cfg.rollout.num_generations if self.method.startswith("grpo") else 1
+        )
+        batch_loss, nonfinite = 0.0, False
         for start in range(0, len(rollouts), mb):
             chunk = rollouts[start : start + mb]
             loss, metrics = self._micro_batch_loss(chunk, units)
             if not torch.isfinite(loss):
-                meter.add({"nonfinite_loss": 1.0})
-                loss = loss.new_zeros(()) * 0.0
-                self.optimizer.zero_grad(set_to_none=True)
-                metrics = {}
+                nonfinite = True  # nothing of this step may reach the weights
                 break
             loss.backward()
+            batch_loss += float(loss.detach())
             meter.add(metrics, weight=len(chunk))
         rewards = torch.tensor([r.reward for r in rollouts], dtype=torch.float32)
         stats = meter.mean()
-        skip = self._all_ranks_any(stats.get("nonfinite_loss", 0.0) > 0)
+        stats["loss"] = batch_loss
+        skip = self._all_ranks_any(nonfinite)
         grad_norm = self._sync_and_clip()
         if skip or not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
@@ -400,7 +436,12 @@ class Trainer:
 
     def _distillation_loss(self, chunk: list[Rollout], units: float) -> tuple[torch.Tensor, dict]:
         from sgsd import objectives as obj
-        from sgsd.scoring import score_divergence, score_student, score_teachers, score_topk_support, teacher_prompt_ids
+        from sgsd.scoring import (
+            score_student,
+            score_teachers,
+            score_topk_support,
+            teacher_prompt_ids,
+        )
 
         o, t = self.cfg.objective, self.cfg.teachers
         device = self.acc.device
@@ -423,19 +464,31 @@ class Trainer:
         student_prompts = [r.prompt_ids for r in chunk]
 
         if o.loss in ("reverse_kl", "forward_kl", "jsd"):
-            return self._divergence_loss(chunk, units, student_prompts, teacher_ids, completion_ids, retrieval, reward)
+            return self._divergence_loss(
+                chunk, units, student_prompts, teacher_ids, completion_ids, retrieval, reward
+            )
 
         with self.teacher.scoring():
             if o.support == "topk":
                 student_local, teacher_logp, teacher_mask = score_topk_support(
-                    self.model, student_prompts, teacher_ids, completion_ids, self.pad_id,
-                    k=o.support_top_k, chunk_rows=t.chunk_rows, chunk_size=o.position_chunk,
+                    self.model,
+                    student_prompts,
+                    teacher_ids,
+                    completion_ids,
+                    self.pad_id,
+                    k=o.support_top_k,
+                    chunk_rows=t.chunk_rows,
+                    chunk_size=o.position_chunk,
                     teacher_context=self.teacher.scoring,
                 )
             else:
                 teacher_logp, teacher_mask = score_teachers(
-                    self.model, teacher_ids, completion_ids, self.pad_id,
-                    chunk_rows=t.chunk_rows, chunk_size=o.position_chunk,
+                    self.model,
+                    teacher_ids,
+                    completion_ids,
+                    self.pad_id,
+                    chunk_rows=t.chunk_rows,
+                    chunk_size=o.position_chunk,
                 )  # [B, K, T], [B, K]
         if o.support == "topk":
             student_logp, valid = student_local, None
@@ -445,15 +498,23 @@ class Trainer:
             )  # [B, T]
         valid = valid if valid is not None else self._valid(completion_ids, device)
         mask = self._token_mask(completion_ids, valid)  # [B, T]
-        kwargs = dict(
-            mask=mask, reward=reward, retrieval_scores=retrieval / self.cfg.skills.weight_temperature,
-            teacher_mask=teacher_mask, tau=o.tau, clip=o.clip, threshold=o.threshold, eps=o.eps,
+        loss, metrics = obj.sgsd_loss(
+            student_logp,
+            teacher_logp,
+            mask=mask,
+            reward=reward,
+            retrieval_scores=retrieval / self.cfg.skills.weight_temperature,  # Eq. 6 with a temperature
+            teacher_mask=teacher_mask,
+            tau=o.tau,
+            clip=o.clip,
+            threshold=o.threshold,
+            eps=o.eps,
             use_polarity=o.use_polarity and self.method == "sgsd",
         )
-        if o.loss == "sampled_rkl":
-            loss, metrics = obj.sgsd_loss(student_logp, teacher_logp, gate="sampled_rkl", **kwargs)
-        else:
-            loss, metrics = obj.sgsd_loss(student_logp, teacher_logp, **kwargs)
+        if (
+            o.loss == "sampled_rkl"
+        ):  # same polarity and weights, sampled-token reverse-KL gradient per teacher
+            loss = _polarity_weighted_sampled_rkl(student_logp, teacher_logp, mask, metrics, o.eps)
         self._record_ledger(chunk, metrics)
         # sgsd_loss averages over the micro-batch's problems; rescale to the batch objective
         return loss * (len(chunk) / units), _scalars(metrics)
@@ -475,8 +536,15 @@ class Trainer:
         kind = {"jsd": "jsd", "forward_kl": "forward_kl", "reverse_kl": "reverse_kl"}[o.loss]
         with self.teacher.scoring_context_for_divergence():
             per_token, valid = score_divergence(
-                self.model, rows_s, rows_t, rows_c, self.pad_id, kind=kind, beta=o.jsd_beta,
-                chunk_size=o.position_chunk, teacher_context=self.teacher.scoring,
+                self.model,
+                rows_s,
+                rows_t,
+                rows_c,
+                self.pad_id,
+                kind=kind,
+                beta=o.jsd_beta,
+                chunk_size=o.position_chunk,
+                teacher_context=self.teacher.scoring,
             )  # [R, T]
         mask = self._token_mask(rows_c, valid).float()
         per_row = (per_token * mask).sum(-1) / (mask.sum(-1) + o.eps)  # [R]
@@ -498,7 +566,11 @@ class Trainer:
         o, device = self.cfg.objective, self.acc.device
         completion_ids = self._completion_ids(chunk)
         logp, valid = score_student(
-            self.model, [r.prompt_ids for r in chunk], completion_ids, self.pad_id, chunk_size=o.position_chunk
+            self.model,
+            [r.prompt_ids for r in chunk],
+            completion_ids,
+            self.pad_id,
+            chunk_size=o.position_chunk,
         )  # [G*P, T]
         group_size = self.cfg.rollout.num_generations
         rewards = torch.tensor([r.reward for r in chunk], device=device)
@@ -554,8 +626,13 @@ class Trainer:
         from accelerate.utils import broadcast_object_list, gather_object
 
         records = [
-            {"question": r.problem.question, "answer": r.problem.answer, "completion": r.completion_text,
-             "reward": r.reward, "step": self.step}
+            {
+                "question": r.problem.question,
+                "answer": r.problem.answer,
+                "completion": r.completion_text,
+                "reward": r.reward,
+                "step": self.step,
+            }
             for r in rollouts
         ]
         if self.acc.num_processes > 1:
@@ -603,11 +680,8 @@ class Trainer:
     @staticmethod
     def _postfix(m: dict) -> dict:
         out = {"reward": f"{m.get('reward_mean', 0):+.2f}", "loss": f"{m.get('loss', 0):.4f}"}
-        if "frac_helpful" in m:
-            out["pol(h/w/m/o/n)"] = "/".join(
-                f"{m.get(k, 0):.2f}"
-                for k in ("frac_helpful", "frac_warning", "frac_misleading", "frac_over_suppressive", "frac_neutral")
-            )
+        if POLARITY_KEYS[0] in m:
+            out["pol(h/w/m/o/n)"] = "/".join(f"{m.get(k, 0):.2f}" for k in POLARITY_KEYS)
         return out
 
     def save_checkpoint(self) -> Path | None:
@@ -647,7 +721,9 @@ class Trainer:
             self.retriever.set_bank(self.bank)
         if state.get("ledger") is not None and self.ledger is not None:
             self.ledger = state["ledger"]
-        _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+        rows = _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+        self.train_time_s = float(rows[-1].get("train_time_s", 0.0)) if rows else 0.0
+        self.last_eval_time_s = self.train_time_s
         if self.is_main:
             print(f"resumed from step {self.step}")
 
@@ -656,6 +732,7 @@ class Trainer:
 
     def evaluate(self, step: int) -> dict:
         """Held-out avg@k with the current weights; written to RUN/eval/step-XXXXXX/ (main process)."""
+        self.last_eval_time_s = self.train_time_s
         if not self.is_main:
             self.acc.wait_for_everyone()
             return {}
@@ -685,6 +762,15 @@ class Trainer:
         return summary
 
 
+def _polarity_weighted_sampled_rkl(student_logp, teacher_logp, mask, metrics, eps) -> torch.Tensor:
+    """mean_b sum_k alpha_k rho_k * (-masked mean_t stopgrad(Delta_t) * log p_S(y_t)) (Fig. 3(c) option)."""
+    student = student_logp if student_logp.dim() == 3 else student_logp.unsqueeze(1)  # [B, K|1, T]
+    m = mask.float().unsqueeze(1)  # [B, 1, T]
+    delta = torch.where(m > 0, teacher_logp.detach() - student.detach(), 0.0)  # [B, K, T]
+    per_teacher = -(delta * student * m).sum(-1) / (m.sum(-1) + eps)  # [B, K]
+    return (metrics["weights"] * metrics["rho"] * per_teacher).sum(-1).mean()
+
+
 def _scalars(metrics: dict) -> dict:
     """Keep the loggable scalars of an objective's metrics (drop per-teacher tensors)."""
     out = {}
@@ -697,14 +783,15 @@ def _scalars(metrics: dict) -> dict:
     return out
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
+def _truncate_metrics(path: Path, step: int) -> list[dict]:
     """On resume, drop metric rows logged after the checkpoint (they will be produced again)."""
     if not path.exists():
-        return
+        return []
     from sgsd.fileio import atomic_write_jsonl, read_jsonl
 
     rows = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
     atomic_write_jsonl(path, rows)
+    return rows
 
 
 def default_run_dir(cfg: Config) -> Path:

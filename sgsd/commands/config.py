@@ -5,7 +5,9 @@ HELP = "print the resolved configuration as YAML (validates the file and overrid
 
 
 def add_arguments(parser):
-    parser.add_argument("--config", "-c", help="YAML config file or packaged config name (demo, paper/qwen3-1.7b/sgsd, ...)")
+    parser.add_argument(
+        "--config", "-c", help="YAML config file or packaged config name (demo, paper/qwen3-1.7b/sgsd, ...)"
+    )
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. objective.tau=0.5")
 
 

@@ -6,12 +6,20 @@ HELP = "train with SGSD or a baseline (default: the embedded offline demo, confi
 
 def add_arguments(parser):
     parser.add_argument(
-        "--config", "-c", default="demo",
+        "--config",
+        "-c",
+        default="demo",
         help="YAML file, or the name of a packaged config (demo, sgsd, opsd, grpo, ...; see `sgsd configs`)",
     )
-    parser.add_argument("--output-dir", "-o", help="run folder (default: train.output_dir or runs/METHOD-TIME)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its latest checkpoint")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. objective.tau=0.5 train.steps=50")
+    parser.add_argument(
+        "--output-dir", "-o", help="run folder (default: train.output_dir or runs/METHOD-TIME)"
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the run in --output-dir from its latest checkpoint"
+    )
+    parser.add_argument(
+        "overrides", nargs="*", help="dotted overrides, e.g. objective.tau=0.5 train.steps=50"
+    )
 
 
 def run(args) -> int:
