@@ -15,7 +15,7 @@ def _prompt(marker):
 
 
 TEST_PROMPTS = SimpleNamespace(
-    memory_prompt=_prompt("SOLVE"),
+    memory_generation_prompt=_prompt("SOLVE"),
     skill_extraction_prompt=_prompt("EXTRACT_SKILLS"),
     mistake_extraction_prompt=_prompt("EXTRACT_MISTAKES"),
     skill_merge_prompt=_prompt("MERGE_SKILLS"),

@@ -36,7 +36,7 @@ def test_cold_start_with_embedded_model(tmp_path):
     data = _needs("sgsd.data", "load_problems")
     _needs(
         "sgsd.prompts",
-        "memory_prompt",
+        "memory_generation_prompt",
         "skill_extraction_prompt",
         "mistake_extraction_prompt",
         "skill_merge_prompt",

@@ -292,3 +292,23 @@ def test_evolver_prunes_by_evidence_and_never_reuses_ids():
     )
     ids = {s.title: s.skill_id for s in bank2.dynamic_skills}
     assert ids["N9"] == "dyn_005" and ids["N1"] == "dyn_003"
+
+
+def test_cold_start_with_the_package_prompt_templates():
+    """The real Tables 6-10 templates from sgsd.prompts (no test copies): dispatch on their wording."""
+
+    def respond(prompt):
+        if "Return ONLY valid JSON with key general_skills" in prompt:
+            return json.dumps({"general_skills": [skill("S")]})
+        if "Return ONLY valid JSON with key common_mistakes" in prompt:
+            return json.dumps({"common_mistakes": [mistake("M")]})
+        assert "Q0" in prompt or "Q1" in prompt, prompt  # Table 6 carries the problem text
+        return "so the answer is 0" if "Q0" in prompt else "so the answer is 5"
+
+    gen = FakeGenerator(respond)
+    bank, report = cold_start(
+        PROBLEMS[:2], gen, fake_grade, solve_params=PARAMS, extract_params=PARAMS, progress=False
+    )
+    assert (report.successes, report.failures, report.parse["failures"]) == (1, 1, {})
+    assert [(s.skill_id, s.title) for s in bank.general_skills] == [("gen_001", "S")]
+    assert [(m.mistake_id, m.description) for m in bank.common_mistakes] == [("err_001", "M")]

@@ -132,10 +132,10 @@ def cold_start(
     `grade(pairs)`: [(completion, gold)] -> results with .correct and .extracted
     (e.g. functools.partial(sgsd.verifier.grade_many, timeout_s=5, workers=2))."""
     problems = list(problems)
-    memory_prompt = prompt_function(prompts, "memory_prompt")
+    memory_generation_prompt = prompt_function(prompts, "memory_generation_prompt")
     completions = complete(
         generator,
-        [memory_prompt(p.question) for p in problems],
+        [memory_generation_prompt(p.question) for p in problems],
         solve_params,
         solve_thinking,
         batch_size,

@@ -20,7 +20,6 @@ bank that changes (online evolution) re-embeds only its new entries.
 from __future__ import annotations
 
 import hashlib
-import math
 import random
 from dataclasses import dataclass
 
@@ -33,14 +32,16 @@ EMBEDDED_MINILM = "embedded:all-MiniLM-L6-v2"
 
 
 def softmax_weights(scores: list[float], temperature: float = 1.0) -> list[float]:
-    """alpha = softmax(scores / temperature) (Eq. 6), computed stably."""
+    """alpha = softmax(scores / temperature) (Eq. 6), via `sgsd.objectives.teacher_weights` so the
+    formula lives in one place."""
     if not scores:
         return []
-    scaled = [s / temperature for s in scores]
-    top = max(scaled)
-    exps = [math.exp(s - top) for s in scaled]
-    total = sum(exps)
-    return [e / total for e in exps]
+    import torch
+
+    from sgsd.objectives import teacher_weights
+
+    row = torch.tensor([scores], dtype=torch.float64)  # [1, K]
+    return teacher_weights(row, torch.ones_like(row, dtype=torch.bool), temperature)[0].tolist()
 
 
 def resolve_embedder_path(name: str) -> str:
