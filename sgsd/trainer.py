@@ -160,7 +160,7 @@ class Trainer:
         self.pad_id = self.tokenizer.pad_token_id
         t = self.cfg.teachers
         mode = t.mode
-        self.teacher = TeacherPolicy(self.model, mode=mode, ema_decay=t.ema_decay, every=t.periodic_every)
+        self.teacher = TeacherPolicy(self.model, mode=mode, ema_decay=t.ema_decay, periodic_every=t.periodic_every)
         self.generator = HFGenerator(self.model, self.tokenizer, batch_size=self.cfg.rollout.batch_size)
 
     def _build_skills(self) -> None:
