@@ -160,7 +160,9 @@ class Trainer:
         self.pad_id = self.tokenizer.pad_token_id
         t = self.cfg.teachers
         mode = t.mode
-        self.teacher = TeacherPolicy(self.model, mode=mode, ema_decay=t.ema_decay, periodic_every=t.periodic_every)
+        self.teacher = TeacherPolicy(
+            self.model, mode=mode, ema_decay=t.ema_decay, periodic_every=t.periodic_every
+        )
         self.generator = HFGenerator(self.model, self.tokenizer, batch_size=self.cfg.rollout.batch_size)
 
     def _build_skills(self) -> None:
@@ -468,20 +470,21 @@ class Trainer:
                 chunk, units, student_prompts, teacher_ids, completion_ids, retrieval, reward
             )
 
-        with self.teacher.scoring():
-            if o.support == "topk":
-                student_local, teacher_logp, teacher_mask = score_topk_support(
-                    self.model,
-                    student_prompts,
-                    teacher_ids,
-                    completion_ids,
-                    self.pad_id,
-                    k=o.support_top_k,
-                    chunk_rows=t.chunk_rows,
-                    chunk_size=o.position_chunk,
-                    teacher_context=self.teacher.scoring,
-                )
-            else:
+        if o.support == "topk":  # Section 4.5: teacher top-K + sampled token, renormalised per teacher
+            student_logp, teacher_logp, teacher_mask = score_topk_support(
+                self.model,
+                student_prompts,
+                teacher_ids,
+                completion_ids,
+                self.pad_id,
+                k=o.support_top_k,
+                chunk_rows=t.chunk_rows,
+                chunk_size=o.position_chunk,
+                teacher_context=self.teacher.scoring,
+            )  # [B, K, T] with grad, [B, K, T], [B, K]
+            valid = None
+        else:
+            with self.teacher.scoring():
                 teacher_logp, teacher_mask = score_teachers(
                     self.model,
                     teacher_ids,
@@ -489,13 +492,10 @@ class Trainer:
                     self.pad_id,
                     chunk_rows=t.chunk_rows,
                     chunk_size=o.position_chunk,
-                )  # [B, K, T], [B, K]
-        if o.support == "topk":
-            student_logp, valid = student_local, None
-        else:
+                )  # [B, K, T], [B, K]  no grad, teacher weights (live / frozen / EMA / periodic)
             student_logp, valid = score_student(
                 self.model, student_prompts, completion_ids, self.pad_id, chunk_size=o.position_chunk
-            )  # [B, T]
+            )  # [B, T]  one forward with grad, broadcast over the K teachers
         valid = valid if valid is not None else self._valid(completion_ids, device)
         mask = self._token_mask(completion_ids, valid)  # [B, T]
         loss, metrics = obj.sgsd_loss(
@@ -520,8 +520,10 @@ class Trainer:
         return loss * (len(chunk) / units), _scalars(metrics)
 
     def _divergence_loss(self, chunk, units, student_prompts, teacher_ids, completion_ids, retrieval, reward):
-        """Full-vocabulary divergences (OPSD and Fig. 3(c)): one teacher per row; with K teachers the
-        student rows are repeated per teacher and weighted by alpha_k (memory-heavy; ablation only)."""
+        """Full-vocabulary divergences (OPSD and Fig. 3(c)): mean over problems of sum_k alpha_k D_k, with
+        D_k the masked token mean of the divergence between the student and teacher k. A divergence has
+        no sign to validate, so polarity does not apply. With K teachers the student rows are repeated
+        once per teacher (memory grows K-fold; used by the Fig. 3(c) ablation only)."""
         from sgsd import objectives as obj
         from sgsd.scoring import score_divergence
 
@@ -533,19 +535,17 @@ class Trainer:
                 rows_t.append(tid)
                 rows_c.append(completion_ids[b])
                 owner.append(b)
-        kind = {"jsd": "jsd", "forward_kl": "forward_kl", "reverse_kl": "reverse_kl"}[o.loss]
-        with self.teacher.scoring_context_for_divergence():
-            per_token, valid = score_divergence(
-                self.model,
-                rows_s,
-                rows_t,
-                rows_c,
-                self.pad_id,
-                kind=kind,
-                beta=o.jsd_beta,
-                chunk_size=o.position_chunk,
-                teacher_context=self.teacher.scoring,
-            )  # [R, T]
+        per_token, valid = score_divergence(
+            self.model,
+            rows_s,
+            rows_t,
+            rows_c,
+            self.pad_id,
+            kind=o.loss,
+            beta=o.jsd_beta,
+            chunk_size=o.position_chunk,
+            teacher_context=self.teacher.scoring,
+        )  # [R, T]
         mask = self._token_mask(rows_c, valid).float()
         per_row = (per_token * mask).sum(-1) / (mask.sum(-1) + o.eps)  # [R]
         owner_t = torch.tensor(owner, device=per_row.device)
