@@ -35,7 +35,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from sgsd.errors import ConfigError, DataError
@@ -119,7 +118,7 @@ def _pack(prompts: TokenIds, completions: TokenIds, pad_id: int, device: torch.d
     rows = len(prompts)
     ids = torch.full((rows, width_p + width_t), pad_id, dtype=torch.long)  # [R, P + T]
     mask = torch.zeros((rows, width_p + width_t), dtype=torch.long)  # [R, P + T]
-    for r, (prompt, completion) in enumerate(zip(prompts, completions)):
+    for r, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
         start = width_p - len(prompt)
         stop = width_p + len(completion)
         ids[r, start:stop] = torch.tensor(list(prompt) + list(completion), dtype=torch.long)
@@ -347,7 +346,7 @@ def score_topk_support(
     support = torch.zeros((rows, width_k, width_t, k), dtype=torch.long, device=device)  # [B, K, T, k]
 
     # Teachers (no grad): top-k support and local log-prob per position.
-    with torch.no_grad(), (teacher_context() if teacher_context else contextlib.nullcontext()):
+    with torch.no_grad(), teacher_context() if teacher_context else contextlib.nullcontext():
         order = _teacher_rows(teacher_prompt_ids)
         for a, b in _chunks(len(order), chunk_rows):
             pairs = order[a:b]
@@ -434,7 +433,7 @@ def _divergence_chunk(
     name, fallback = _DIVERGENCES[kind]
     divergence = _objective(name, fallback)
     student_logits = parts.logits(student_hidden)  # [n, V]
-    with torch.no_grad(), (teacher_context() if teacher_context else contextlib.nullcontext()):
+    with torch.no_grad(), teacher_context() if teacher_context else contextlib.nullcontext():
         teacher_logits = parts.logits(teacher_hidden)  # [n, V]
     if kind == "jsd":
         return divergence(student_logits, teacher_logits, beta=beta)  # [n]
@@ -476,7 +475,7 @@ def score_divergence(
         empty = torch.zeros((rows, 0), device=device)
         return empty, empty.bool()
 
-    with torch.no_grad(), (teacher_context() if teacher_context else contextlib.nullcontext()):
+    with torch.no_grad(), teacher_context() if teacher_context else contextlib.nullcontext():
         teacher_grid = None  # [B, T, H], filled per row chunk
         for a, b in _chunks(rows, chunk_rows):
             packed = _pack(teacher_prompt_ids[a:b], completion_ids[a:b], pad_id, device)
@@ -616,5 +615,8 @@ def teacher_prompt_ids(
     suffix = ""
     if align_think_block:
         suffix = _generation_suffix(tokenizer, student_enable_thinking, teacher_enable_thinking)
-    texts = [render_chat(tokenizer, text, enable_thinking=teacher_enable_thinking) + suffix for text in teacher_texts]
+    texts = [
+        render_chat(tokenizer, text, enable_thinking=teacher_enable_thinking) + suffix
+        for text in teacher_texts
+    ]
     return [list(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts]
