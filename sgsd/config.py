@@ -219,6 +219,10 @@ class TrainConfig:
     save_every: int = 25
     # evaluate held-out problems every N steps (0 = only before and after training)
     eval_every: int = 0
+    # stop after this many seconds of training steps (0 = no limit; evaluation time is not counted)
+    time_budget_s: float = 0.0
+    # also evaluate every this many seconds of training (0 = off); for equal-wall-clock comparisons
+    eval_every_s: float = 0.0
     # write TensorBoard event files beside metrics.jsonl
     tensorboard: bool = True
     # show a progress bar
@@ -314,6 +318,8 @@ RANGES: dict[tuple[str, str], tuple[Any, str]] = {
     ("train", "warmup_steps"): _NON_NEGATIVE,
     ("train", "save_every"): _AT_LEAST_ONE,
     ("train", "eval_every"): _NON_NEGATIVE,
+    ("train", "time_budget_s"): _NON_NEGATIVE,
+    ("train", "eval_every_s"): _NON_NEGATIVE,
     ("eval", "k"): _AT_LEAST_ONE,
     ("eval", "temperature"): _POSITIVE,
     ("eval", "top_p"): _UNIT,
@@ -467,11 +473,28 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             where = f" at line {mark.line + 1}" if mark else ""
             raise ConfigError(f"{path}: invalid YAML{where}: {getattr(exc, 'problem', exc)}") from exc
         if data is not None:
-            _apply(cfg, data, str(path))
+            _apply_file(cfg, data, path, seen=[])
     for text in overrides:
         section, key, value = parse_override(text)
         _apply(cfg, {section: {key: value}}, f"override '{text}'")
     return validate(cfg)
+
+
+def _apply_file(cfg: Config, data: Any, path: Path, seen: list[Path]) -> None:
+    """Apply a YAML mapping; a top-level `base: other.yaml` (relative to this file) is applied first."""
+    if isinstance(data, dict) and "base" in data:
+        data = dict(data)
+        base = path.parent / str(data.pop("base"))
+        if base.resolve() in seen:
+            raise ConfigError(f"{path}: 'base' chain loops back to {base}")
+        try:
+            base_data = yaml.safe_load(base.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ConfigError(f"{path}: base config not found: {base}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{base}: invalid YAML: {getattr(exc, 'problem', exc)}") from exc
+        _apply_file(cfg, base_data, base, seen + [base.resolve()])
+    _apply(cfg, data, str(path))
 
 
 def config_from_dict(data: dict) -> Config:

@@ -33,7 +33,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], mode: str
         os.replace(tmp, path)
     except OSError as exc:
         _remove_quietly(tmp)
-        raise UserError(f"cannot write {path}: {exc.strerror or exc}; the previous file is unchanged") from exc
+        raise UserError(
+            f"cannot write {path}: {exc.strerror or exc}; the previous file is unchanged"
+        ) from exc
     except BaseException:
         _remove_quietly(tmp)
         raise

@@ -85,3 +85,31 @@ def test_dump_round_trips(tmp_path):
     again = load_config(f)
     assert again == cfg
     assert again != Config()
+
+
+def test_base_file_is_applied_first(tmp_path):
+    (tmp_path / "base.yaml").write_text("objective:\n  tau: 2\ntrain:\n  steps: 3\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\ntrain:\n  steps: 9\n")
+    cfg = load_config(tmp_path / "child.yaml")
+    assert (cfg.objective.tau, cfg.train.steps) == (2.0, 9)
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(tmp_path / "loop.yaml")
+
+
+def test_every_packaged_config_is_valid():
+    from sgsd.configs import available_configs, resolve_config_path
+
+    names = available_configs()
+    assert "demo" in names and "paper/qwen3-1.7b/sgsd" in names and "paper/ablations/no_polarity" in names
+    for name in names:
+        load_config(resolve_config_path(name))
+    assert load_config(resolve_config_path("paper/ablations/no_robust")).objective.clip is None
+    assert load_config(resolve_config_path("paper/qwen3-4b/grpo")).rollout.num_generations == 8
+
+
+def test_unknown_packaged_config_names_the_options():
+    from sgsd.configs import resolve_config_path
+
+    with pytest.raises(ConfigError, match="unknown config 'dmeo'; packaged configs: .*demo"):
+        resolve_config_path("dmeo")

@@ -1,0 +1,181 @@
+"""Checkpoints: everything needed to continue a run exactly, written atomically.
+
+    RUN/checkpoints/step-000025/
+        trainable.safetensors   every trainable parameter by name (LoRA or full fine-tuning)
+        adapter/                PEFT adapter (for `sgsd eval --adapter`), when the model has one
+        trainer_state.pt        optimizer, scheduler, teacher (EMA / periodic) and RNG states
+        bank.json, ledger.json  the skill bank and ledger at this step (skill methods)
+        evolver.json            the online-evolution window of recent rollouts
+        state.json              {"step": 25, "complete": true}  -- written last
+    RUN/checkpoints/latest      the name of the newest complete checkpoint
+
+A checkpoint is assembled in a hidden temporary folder and renamed into place, so a kill at any moment
+leaves either the previous checkpoints or a complete new one, never a torn one. `load_latest` only
+considers folders whose state.json says complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from sgsd.errors import UserError
+from sgsd.fileio import atomic_write_json, atomic_write_text
+
+STEP_PREFIX = "step-"
+
+
+def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"{STEP_PREFIX}{step:06d}"
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:  # pragma: no cover
+        pass
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save(
+    run_dir, step: int, *, model, optimizer, scheduler, teacher=None, bank=None, ledger=None, evolver=None
+) -> Path:
+    from safetensors.torch import save_file
+
+    final = checkpoint_dir(run_dir, step)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        if hasattr(model, "peft_config"):
+            model.save_pretrained(str(tmp / "adapter"), selected_adapters=["default"])
+        torch.save(
+            {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "teacher": teacher.state_dict() if teacher is not None else None,
+                "rng": _rng_state(),
+            },
+            tmp / "trainer_state.pt",
+        )
+        if bank is not None:
+            bank.save(tmp / "bank.json")
+        if ledger is not None:
+            ledger.save(tmp / "ledger.json")
+        if evolver is not None:
+            atomic_write_json(tmp / "evolver.json", evolver.state_dict())
+        atomic_write_json(tmp / "state.json", {"step": step, "complete": True, "time": time.time()})
+        _fsync_dir(tmp)
+        if final.exists():  # re-saving a step after a resume: replace it
+            trash = final.parent / f".old-{final.name}-{os.getpid()}"
+            os.replace(final, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(
+            f"cannot write checkpoint {final}: {exc.strerror or exc}; earlier checkpoints are intact"
+        ) from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_text(final.parent / "latest", final.name + "\n")
+    return final
+
+
+def complete_checkpoints(run_dir) -> list[Path]:
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = []
+    for d in root.iterdir():
+        if not d.name.startswith(STEP_PREFIX) or not d.is_dir():
+            continue
+        try:
+            state = json.loads((d / "state.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if state.get("complete"):
+            found.append(d)
+    return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX) :]))
+
+
+def load_latest(run_dir, *, model, optimizer, scheduler, teacher=None, evolver=None) -> dict | None:
+    """Restore the newest complete checkpoint into the given objects; returns its state or None."""
+    from safetensors.torch import load_file
+
+    found = complete_checkpoints(run_dir)
+    if not found:
+        return None
+    d = found[-1]
+    tensors = load_file(str(d / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    missing = [n for n in tensors if n not in params]
+    if missing:
+        raise UserError(f"checkpoint {d} does not match the model: unknown parameter {missing[0]}")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value.to(params[name].device, params[name].dtype))
+    blob = torch.load(d / "trainer_state.pt", map_location="cpu", weights_only=False)
+    optimizer.load_state_dict(blob["optimizer"])
+    scheduler.load_state_dict(blob["scheduler"])
+    if teacher is not None and blob.get("teacher") is not None:
+        teacher.load_state_dict(blob["teacher"])
+    _set_rng_state(blob["rng"])
+    state = json.loads((d / "state.json").read_text())
+    state["path"] = d
+    state["bank"] = state["ledger"] = None
+    if (d / "bank.json").exists():
+        from sgsd.skills.bank import load_bank
+
+        state["bank"] = load_bank(d / "bank.json")
+    if (d / "ledger.json").exists():
+        from sgsd.skills.ledger import SkillLedger
+
+        state["ledger"] = SkillLedger.load(d / "ledger.json")
+    if evolver is not None and (d / "evolver.json").exists():
+        evolver.load_state_dict(json.loads((d / "evolver.json").read_text()))
+    return state
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
