@@ -28,7 +28,6 @@ alignment of teacher prompts (`teacher_prompt_ids`), the top-K support variant o
 from __future__ import annotations
 
 import contextlib
-import math
 import re
 import weakref
 from collections.abc import Callable, Sequence
@@ -38,6 +37,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from sgsd.errors import ConfigError, DataError
+from sgsd.objectives import forward_kl, generalized_jsd, reverse_kl, topk_support_logprobs
 from sgsd.prompts import render_chat
 
 __all__ = [
@@ -279,33 +279,11 @@ def score_teachers(
 # Top-K support variant (Section 4.5).
 
 
-def _objective(name: str, fallback: Callable) -> Callable:
-    """`sgsd.objectives.<name>` once that module provides it, else the private fallback below."""
-    try:
-        from sgsd import objectives
-    except ImportError:
-        return fallback
-    return getattr(objectives, name, fallback)
-
-
-def _topk_support_logprobs_fallback(
-    logits: torch.Tensor, support_idx: torch.Tensor, token: torch.Tensor
-) -> torch.Tensor:
-    """log p(token) renormalised on support = support_idx ∪ {token} (token counted once): `[n]`."""
-    support_logits = logits.gather(1, support_idx).float()  # [n, k]
-    token_logit = logits.gather(1, token[:, None]).float()  # [n, 1]
-    in_support = (support_idx == token[:, None]).any(1)  # [n]
-    extra = torch.where(in_support[:, None], torch.full_like(token_logit, -math.inf), token_logit)  # [n, 1]
-    log_z = torch.logsumexp(torch.cat([support_logits, extra], dim=1), dim=1)  # [n]
-    return token_logit.squeeze(1) - log_z  # [n]
-
-
 def _support_logp_for_teachers(
     parts: _CausalLMParts, hidden: torch.Tensor, support: torch.Tensor, tokens: torch.Tensor
 ) -> torch.Tensor:
     """Student local log-probs for every teacher's support: hidden `[n, H]`, support `[n, K, k]`,
     tokens `[n]` -> `[n, K]`."""
-    topk_support_logprobs = _objective("topk_support_logprobs", _topk_support_logprobs_fallback)
     logits = parts.logits(hidden)  # [n, V]
     per_teacher = [topk_support_logprobs(logits, support[:, k], tokens) for k in range(support.shape[1])]
     return torch.stack(per_teacher, dim=1)  # [n, K]
@@ -321,13 +299,13 @@ def score_topk_support(
     chunk_rows: int = 4,
     chunk_size: int = 128,
     teacher_context: ContextFactory = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sampled-token log-probs renormalised on a local support, per teacher (Section 4.5).
 
     For teacher j and position t the support is the teacher's top-k tokens ∪ {y_t}; both the teacher's
     and the student's distributions are renormalised on it. Returns `(student_local_logp [B, K, T]
-    with grad, teacher_local_logp [B, K, T])`, 0 for missing teachers and padding. Use
-    `score_teachers` for the teacher mask. `teacher_context` (e.g. `model.disable_adapter`) is entered
+    with grad, teacher_local_logp [B, K, T], teacher_mask [B, K])`, logp 0 for missing teachers and
+    padding. `teacher_context` (e.g. `model.disable_adapter`) is entered
     around the teacher forwards.
     """
     _check_batch(
@@ -335,14 +313,14 @@ def score_topk_support(
     )
     if k < 1:
         raise ConfigError(f"top-k support size must be at least 1, got {k}")
-    topk_support_logprobs = _objective("topk_support_logprobs", _topk_support_logprobs_fallback)
     device = _device(model)
     parts = _causal_lm_parts(model)
     rows, width_k, width_t = _teacher_shape(teacher_prompt_ids, completion_ids)
     teacher_local = torch.zeros((rows, width_k, width_t), dtype=torch.float32, device=device)  # [B, K, T]
     student_local = torch.zeros((rows, width_k, width_t), dtype=torch.float32, device=device)  # [B, K, T]
+    teacher_mask = _teacher_mask(teacher_prompt_ids, width_k, device)  # [B, K]
     if width_t == 0 or width_k == 0:
-        return student_local, teacher_local
+        return student_local, teacher_local, teacher_mask
     support = torch.zeros((rows, width_k, width_t, k), dtype=torch.long, device=device)  # [B, K, T, k]
 
     # Teachers (no grad): top-k support and local log-prob per position.
@@ -380,45 +358,15 @@ def score_topk_support(
     flat = torch.cat(pieces).float()  # [N, K]
     grid = torch.zeros((rows, width_t, width_k), dtype=torch.float32, device=device)  # [B, T, K]
     grid[packed.valid] = flat
-    teacher_mask = _teacher_mask(teacher_prompt_ids, width_k, device)  # [B, K]
     student_local = grid.permute(0, 2, 1) * teacher_mask[:, :, None]  # [B, K, T]
-    return student_local, teacher_local
+    return student_local, teacher_local, teacher_mask
 
 
 # ---------------------------------------------------------------------------------------------------
 # Full-distribution divergences (OPSD, Fig. 3(c)).
 
 
-def _forward_kl_fallback(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """KL(p_T ‖ p_S) per position over the last axis, fp32."""
-    log_s = torch.log_softmax(student_logits, -1, dtype=torch.float32)
-    log_t = torch.log_softmax(teacher_logits, -1, dtype=torch.float32)
-    return (log_t.exp() * (log_t - log_s)).sum(-1)
-
-
-def _reverse_kl_fallback(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """KL(p_S ‖ p_T) per position over the last axis, fp32."""
-    return _forward_kl_fallback(teacher_logits, student_logits)
-
-
-def _generalized_jsd_fallback(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float = 0.5
-) -> torch.Tensor:
-    """β·KL(p_T‖M) + (1−β)·KL(p_S‖M), M = β·p_T + (1−β)·p_S, per position, fp32."""
-    log_s = torch.log_softmax(student_logits, -1, dtype=torch.float32)
-    log_t = torch.log_softmax(teacher_logits, -1, dtype=torch.float32)
-    weights = torch.tensor([beta, 1.0 - beta], dtype=torch.float32, device=log_s.device)
-    log_m = torch.logsumexp(torch.stack([log_t, log_s]) + weights.log()[:, None, None], dim=0)
-    kl_t = (log_t.exp() * (log_t - log_m)).sum(-1)
-    kl_s = (log_s.exp() * (log_s - log_m)).sum(-1)
-    return beta * kl_t + (1.0 - beta) * kl_s
-
-
-_DIVERGENCES = {
-    "forward_kl": ("forward_kl", _forward_kl_fallback),
-    "reverse_kl": ("reverse_kl", _reverse_kl_fallback),
-    "jsd": ("generalized_jsd", _generalized_jsd_fallback),
-}
+_DIVERGENCES = {"forward_kl": forward_kl, "reverse_kl": reverse_kl, "jsd": generalized_jsd}
 
 
 def _divergence_chunk(
@@ -430,8 +378,7 @@ def _divergence_chunk(
     teacher_context: ContextFactory,
 ) -> torch.Tensor:
     """Per-position divergence for student/teacher hidden states `[n, H]` -> `[n]`."""
-    name, fallback = _DIVERGENCES[kind]
-    divergence = _objective(name, fallback)
+    divergence = _DIVERGENCES[kind]
     student_logits = parts.logits(student_hidden)  # [n, V]
     with torch.no_grad(), teacher_context() if teacher_context else contextlib.nullcontext():
         teacher_logits = parts.logits(teacher_hidden)  # [n, V]
