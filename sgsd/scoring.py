@@ -305,8 +305,8 @@ def score_topk_support(
     For teacher j and position t the support is the teacher's top-k tokens ∪ {y_t}; both the teacher's
     and the student's distributions are renormalised on it. Returns `(student_local_logp [B, K, T]
     with grad, teacher_local_logp [B, K, T], teacher_mask [B, K])`, logp 0 for missing teachers and
-    padding. `teacher_context` (e.g. `model.disable_adapter`) is entered
-    around the teacher forwards.
+    padding. `teacher_context` (e.g. `model.disable_adapter`) is entered around the teacher forwards
+    only. k larger than the vocabulary means the whole vocabulary.
     """
     _check_batch(
         completion_ids, chunk_size, ("prompt_ids", prompt_ids), ("teacher_prompt_ids", teacher_prompt_ids)
@@ -321,6 +321,7 @@ def score_topk_support(
     teacher_mask = _teacher_mask(teacher_prompt_ids, width_k, device)  # [B, K]
     if width_t == 0 or width_k == 0:
         return student_local, teacher_local, teacher_mask
+    k = min(k, parts.head.weight.shape[0])
     support = torch.zeros((rows, width_k, width_t, k), dtype=torch.long, device=device)  # [B, K, T, k]
 
     # Teachers (no grad): top-k support and local log-prob per position.
@@ -338,7 +339,7 @@ def score_topk_support(
             teachers = torch.tensor([j for _, j in pairs], device=device)[row_of]  # [N]
             for c0, c1 in _chunks(hidden.shape[0], chunk_size * len(pairs)):
                 logits = parts.logits(hidden[c0:c1])  # [n, V]
-                top = logits.topk(min(k, logits.shape[1]), dim=1).indices  # [n, k]
+                top = logits.topk(k, dim=1).indices  # [n, k]
                 idx = (problems[c0:c1], teachers[c0:c1], pos_of[c0:c1])
                 support[idx] = top
                 teacher_local[idx] = topk_support_logprobs(logits, top, tokens[c0:c1]).float()

@@ -243,13 +243,18 @@ def test_topk_support_matches_reference(model):
 
 
 def test_topk_support_over_whole_vocabulary_is_full_normalisation(llama):
-    """With k = V the local support is the whole vocabulary: the sampled-token log-probs come back."""
+    """With k >= V the local support is the whole vocabulary: the sampled-token log-probs come back."""
     rng, prompts, completions = _problems(seed=31, b=2)
     teacher_prompts = [[_ids(rng, 6), _ids(rng, 2)], [_ids(rng, 9), _ids(rng, 11)]]
     vocab = llama.config.vocab_size
     with torch.no_grad():
         student, teacher, _ = scoring.score_topk_support(
-            llama, prompts, teacher_prompts, completions, 2, k=vocab
+            llama,
+            prompts,
+            teacher_prompts,
+            completions,
+            2,
+            k=vocab + 7,  # more than V: the whole vocabulary
         )
         full_s, valid = scoring.score_student(llama, prompts, completions, pad_id=2)
     full_t, _ = scoring.score_teachers(llama, teacher_prompts, completions, pad_id=2)
