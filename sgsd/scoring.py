@@ -1,0 +1,570 @@
+"""Sampled-token log-probabilities of one student rollout under the student and K teachers.
+
+Scoring is the cost centre of SGSD: every rollout y is scored once by the student (with grad) and
+by K skill-conditioned teachers (no grad). The objectives need only log p(y_t) of the sampled token,
+so nothing here materialises a `[rows, T, V]` tensor:
+
+1. Rows are packed with prompts LEFT-padded, so every completion starts at the same column, and
+   completions right-padded. Position ids come from the attention mask, so padding never shifts a
+   position: a row scores exactly as it would alone.
+2. Only the decoder runs over the whole row. The output head is applied to the completion positions
+   only, a chunk of positions at a time, flattened to a contiguous `[n, H]` matrix (a 3-D slice makes
+   torch fall back to a slow batched matmul).
+3. Each chunk's logits are normalised in fp32 (`log_softmax(..., dtype=float32)`, so a bf16 model
+   still gets fp32 log-probs) and the sampled token is gathered. With grad, each chunk runs under
+   `torch.utils.checkpoint`, so only one chunk's logits are alive during backward.
+4. The student runs once per problem; its log-probs broadcast over the K teachers. Teacher rows run
+   under no_grad, `chunk_rows` rows per forward.
+
+Teacher weights are whatever `model` holds when called: for a live teacher pass the policy; for a
+frozen teacher wrap `score_teachers` in `model.disable_adapter()` (the combined functions take a
+`teacher_context` factory for this).
+
+Also here: the token mask m_t of Section 2.4 (`completion_token_mask`), the thinking-boundary
+alignment of teacher prompts (`teacher_prompt_ids`), the top-K support variant of Section 4.5
+(`score_topk_support`) and full-distribution divergences for OPSD (`score_divergence`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from sgsd.errors import ConfigError, DataError
+from sgsd.objectives import forward_kl, generalized_jsd, reverse_kl, topk_support_logprobs
+from sgsd.prompts import render_chat
+
+__all__ = [
+    "score_student",
+    "score_teachers",
+    "score_topk_support",
+    "score_divergence",
+    "completion_token_mask",
+    "teacher_prompt_ids",
+]
+
+TokenIds = Sequence[Sequence[int]]
+ContextFactory = Callable[[], contextlib.AbstractContextManager] | None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model parts: the decoder (hidden states) and the output head, found generically.
+
+
+@dataclass(frozen=True)
+class _CausalLMParts:
+    decoder: torch.nn.Module
+    head: torch.nn.Module
+    softcap: float | None  # final logit soft-capping (Gemma 2 style), applied after the head
+    logit_scale: float | None  # constant logit multiplier (Cohere style)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits `[n, V]` from hidden states `[n, H]`, in the model dtype."""
+        logits = self.head(hidden)  # [n, V]
+        if self.logit_scale is not None:
+            logits = logits * self.logit_scale
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+def _causal_lm_parts(model: torch.nn.Module) -> _CausalLMParts:
+    """Decoder and head of a HF causal LM, plain or PEFT-wrapped (LoRA layers stay in place)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if head is None or not hasattr(base, "get_decoder"):
+        raise ConfigError(f"{type(base).__name__} is not a causal LM with an output head; cannot score it")
+    decoder = base.get_decoder()
+    if decoder is base:
+        raise ConfigError(f"cannot find the decoder inside {type(base).__name__}")
+    config = getattr(base, "config", None)
+    softcap = getattr(config, "final_logit_softcapping", None)
+    logit_scale = getattr(config, "logit_scale", None)
+    return _CausalLMParts(decoder, head, softcap or None, logit_scale)
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+# ---------------------------------------------------------------------------------------------------
+# Packing: left-padded prompts, right-padded completions, positions from the attention mask.
+
+
+@dataclass(frozen=True)
+class _Packed:
+    input_ids: torch.Tensor  # [R, P + T - 1]
+    attention_mask: torch.Tensor  # [R, P + T - 1]
+    position_ids: torch.Tensor  # [R, P + T - 1]
+    targets: torch.Tensor  # [R, T] completion tokens (pad_id where invalid)
+    valid: torch.Tensor  # [R, T] bool, t < len(completion)
+    first: int  # column whose hidden state predicts completion token 0 (= P - 1)
+
+
+def _pack(prompts: TokenIds, completions: TokenIds, pad_id: int, device: torch.device) -> _Packed:
+    """Pack rows as [left pad | prompt | completion | right pad] and drop the last column (its hidden
+    state predicts nothing). Every completion starts at column P = longest prompt."""
+    for row, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise DataError(f"row {row} has an empty prompt; a completion needs at least one prompt token")
+    width_p = max(len(p) for p in prompts)
+    width_t = max(len(c) for c in completions)
+    rows = len(prompts)
+    ids = torch.full((rows, width_p + width_t), pad_id, dtype=torch.long)  # [R, P + T]
+    mask = torch.zeros((rows, width_p + width_t), dtype=torch.long)  # [R, P + T]
+    for r, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
+        start = width_p - len(prompt)
+        stop = width_p + len(completion)
+        ids[r, start:stop] = torch.tensor(list(prompt) + list(completion), dtype=torch.long)
+        mask[r, start:stop] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [R, P + T]
+    valid = mask[:, width_p:].bool()  # [R, T]
+    return _Packed(
+        input_ids=ids[:, :-1].to(device),
+        attention_mask=mask[:, :-1].to(device),
+        position_ids=positions[:, :-1].to(device),
+        targets=ids[:, width_p:].to(device),
+        valid=valid.to(device),
+        first=width_p - 1,
+    )
+
+
+def _completion_hidden(parts: _CausalLMParts, packed: _Packed) -> torch.Tensor:
+    """Decoder hidden states at the valid completion positions, flattened row-major: `[N, H]`."""
+    out = parts.decoder(
+        input_ids=packed.input_ids,
+        attention_mask=packed.attention_mask,
+        position_ids=packed.position_ids,
+        use_cache=False,
+    )
+    width_t = packed.targets.shape[1]
+    hidden = out.last_hidden_state[:, packed.first : packed.first + width_t]  # [R, T, H]
+    return hidden[packed.valid]  # [N, H] (a contiguous copy)
+
+
+def _chunks(total: int, size: int):
+    for start in range(0, total, size):
+        yield start, min(start + size, total)
+
+
+def _check_batch(completion_ids: TokenIds, chunk_size: int, *others: tuple[str, Sequence]) -> None:
+    if chunk_size < 1:
+        raise ConfigError(f"chunk_size must be at least 1, got {chunk_size}")
+    for name, seq in others:
+        if len(seq) != len(completion_ids):
+            raise DataError(f"{name} has {len(seq)} problems but completion_ids has {len(completion_ids)}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sampled-token log-probs.
+
+
+def _token_logp(parts: _CausalLMParts, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """fp32 log p(token) over the full vocabulary for hidden `[n, H]`, tokens `[n]` -> `[n]`."""
+    logits = parts.logits(hidden)  # [n, V]
+    logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)  # [n, V]
+    return logp.gather(1, tokens[:, None]).squeeze(1)  # [n]
+
+
+def _chunked_token_logp(
+    parts: _CausalLMParts, hidden: torch.Tensor, tokens: torch.Tensor, chunk_tokens: int
+) -> torch.Tensor:
+    """`_token_logp` over `[N, H]` hidden states in chunks; with grad each chunk is checkpointed."""
+    pieces = []
+    for a, b in _chunks(hidden.shape[0], chunk_tokens):
+        if hidden.requires_grad:
+            pieces.append(checkpoint(_token_logp, parts, hidden[a:b], tokens[a:b], use_reentrant=False))
+        else:
+            pieces.append(_token_logp(parts, hidden[a:b], tokens[a:b]))
+    return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)  # [N]
+
+
+def score_student(
+    model: torch.nn.Module,
+    prompt_ids: TokenIds,
+    completion_ids: TokenIds,
+    pad_id: int,
+    chunk_size: int = 128,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Student log-probs of each sampled completion token, one forward for all B problems.
+
+    Returns `(logp [B, T] fp32, valid [B, T] bool)` with T the longest completion; logp is 0 where
+    `valid` is False and carries grad when grad is enabled. Chunks hold about `chunk_size` positions
+    per row (`chunk_size * B` tokens).
+    """
+    _check_batch(completion_ids, chunk_size, ("prompt_ids", prompt_ids))
+    device = _device(model)
+    parts = _causal_lm_parts(model)
+    rows, width_t = len(completion_ids), max((len(c) for c in completion_ids), default=0)
+    if width_t == 0:
+        empty = torch.zeros((rows, 0), device=device)
+        return empty, empty.bool()
+    packed = _pack(prompt_ids, completion_ids, pad_id, device)
+    hidden = _completion_hidden(parts, packed)  # [N, H]
+    flat = _chunked_token_logp(parts, hidden, packed.targets[packed.valid], chunk_size * rows)  # [N]
+    logp = torch.zeros((rows, width_t), dtype=torch.float32, device=device)  # [B, T]
+    logp[packed.valid] = flat
+    return logp, packed.valid
+
+
+def _teacher_rows(teacher_prompt_ids: Sequence[TokenIds]) -> list[tuple[int, int]]:
+    """(problem, teacher) pairs, longest prompts first so that rows of a chunk pad little."""
+    pairs = [(b, k) for b, prompts in enumerate(teacher_prompt_ids) for k in range(len(prompts))]
+    return sorted(pairs, key=lambda bk: -len(teacher_prompt_ids[bk[0]][bk[1]]))
+
+
+def _teacher_shape(teacher_prompt_ids: Sequence[TokenIds], completion_ids: TokenIds) -> tuple[int, int, int]:
+    width_k = max((len(p) for p in teacher_prompt_ids), default=0)
+    width_t = max((len(c) for c in completion_ids), default=0)
+    return len(completion_ids), width_k, width_t
+
+
+def _teacher_mask(teacher_prompt_ids: Sequence[TokenIds], width_k: int, device) -> torch.Tensor:
+    mask = torch.zeros((len(teacher_prompt_ids), width_k), dtype=torch.bool, device=device)  # [B, K]
+    for b, prompts in enumerate(teacher_prompt_ids):
+        mask[b, : len(prompts)] = True
+    return mask
+
+
+@torch.no_grad()
+def score_teachers(
+    model: torch.nn.Module,
+    teacher_prompt_ids: Sequence[TokenIds],
+    completion_ids: TokenIds,
+    pad_id: int,
+    chunk_rows: int = 4,
+    chunk_size: int = 128,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of each problem's completion under each of its teachers, without grad.
+
+    `teacher_prompt_ids[b]` holds up to K prompts for problem b; every teacher scores exactly
+    `completion_ids[b]` right after its own prompt, at the positions it would have alone. Rows go
+    `chunk_rows` per forward. Returns `(logp [B, K, T] fp32, teacher_mask [B, K] bool)`; logp is 0 for
+    missing teachers and at padding positions.
+    """
+    _check_batch(completion_ids, chunk_size, ("teacher_prompt_ids", teacher_prompt_ids))
+    if chunk_rows < 1:
+        raise ConfigError(f"chunk_rows must be at least 1, got {chunk_rows}")
+    device = _device(model)
+    parts = _causal_lm_parts(model)
+    rows, width_k, width_t = _teacher_shape(teacher_prompt_ids, completion_ids)
+    logp = torch.zeros((rows, width_k, width_t), dtype=torch.float32, device=device)  # [B, K, T]
+    teacher_mask = _teacher_mask(teacher_prompt_ids, width_k, device)  # [B, K]
+    if width_t == 0:
+        return logp, teacher_mask
+    order = _teacher_rows(teacher_prompt_ids)
+    for a, b in _chunks(len(order), chunk_rows):
+        pairs = order[a:b]
+        completions = [completion_ids[p] for p, _ in pairs]
+        if max(len(c) for c in completions) == 0:
+            continue
+        packed = _pack([teacher_prompt_ids[p][k] for p, k in pairs], completions, pad_id, device)
+        hidden = _completion_hidden(parts, packed)  # [N, H]
+        flat = _chunked_token_logp(parts, hidden, packed.targets[packed.valid], chunk_size * len(pairs))
+        chunk_logp = torch.zeros(packed.valid.shape, dtype=torch.float32, device=device)  # [r, T_chunk]
+        chunk_logp[packed.valid] = flat
+        problems = torch.tensor([p for p, _ in pairs], device=device)
+        teachers = torch.tensor([k for _, k in pairs], device=device)
+        logp[problems, teachers, : chunk_logp.shape[1]] = chunk_logp
+    return logp, teacher_mask
+
+
+# ---------------------------------------------------------------------------------------------------
+# Top-K support variant (Section 4.5).
+
+
+def _support_logp_for_teachers(
+    parts: _CausalLMParts, hidden: torch.Tensor, support: torch.Tensor, tokens: torch.Tensor
+) -> torch.Tensor:
+    """Student local log-probs for every teacher's support: hidden `[n, H]`, support `[n, K, k]`,
+    tokens `[n]` -> `[n, K]`."""
+    logits = parts.logits(hidden)  # [n, V]
+    per_teacher = [topk_support_logprobs(logits, support[:, k], tokens) for k in range(support.shape[1])]
+    return torch.stack(per_teacher, dim=1)  # [n, K]
+
+
+def score_topk_support(
+    model: torch.nn.Module,
+    prompt_ids: TokenIds,
+    teacher_prompt_ids: Sequence[TokenIds],
+    completion_ids: TokenIds,
+    pad_id: int,
+    k: int = 100,
+    chunk_rows: int = 4,
+    chunk_size: int = 128,
+    teacher_context: ContextFactory = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sampled-token log-probs renormalised on a local support, per teacher (Section 4.5).
+
+    For teacher j and position t the support is the teacher's top-k tokens ∪ {y_t}; both the teacher's
+    and the student's distributions are renormalised on it. Returns `(student_local_logp [B, K, T]
+    with grad, teacher_local_logp [B, K, T], teacher_mask [B, K])`, logp 0 for missing teachers and
+    padding. `teacher_context` (e.g. `model.disable_adapter`) is entered around the teacher forwards
+    only. k larger than the vocabulary means the whole vocabulary.
+    """
+    _check_batch(
+        completion_ids, chunk_size, ("prompt_ids", prompt_ids), ("teacher_prompt_ids", teacher_prompt_ids)
+    )
+    if k < 1:
+        raise ConfigError(f"top-k support size must be at least 1, got {k}")
+    device = _device(model)
+    parts = _causal_lm_parts(model)
+    rows, width_k, width_t = _teacher_shape(teacher_prompt_ids, completion_ids)
+    teacher_local = torch.zeros((rows, width_k, width_t), dtype=torch.float32, device=device)  # [B, K, T]
+    student_local = torch.zeros((rows, width_k, width_t), dtype=torch.float32, device=device)  # [B, K, T]
+    teacher_mask = _teacher_mask(teacher_prompt_ids, width_k, device)  # [B, K]
+    if width_t == 0 or width_k == 0:
+        return student_local, teacher_local, teacher_mask
+    k = min(k, parts.head.weight.shape[0])
+    support = torch.zeros((rows, width_k, width_t, k), dtype=torch.long, device=device)  # [B, K, T, k]
+
+    # Teachers (no grad): top-k support and local log-prob per position.
+    with torch.no_grad(), teacher_context() if teacher_context else contextlib.nullcontext():
+        order = _teacher_rows(teacher_prompt_ids)
+        for a, b in _chunks(len(order), chunk_rows):
+            pairs = order[a:b]
+            packed = _pack([teacher_prompt_ids[p][j] for p, j in pairs], [completion_ids[p] for p, _ in pairs],
+                           pad_id, device)  # fmt: skip
+            hidden = _completion_hidden(parts, packed)  # [N, H]
+            tokens = packed.targets[packed.valid]  # [N]
+            row_of = torch.arange(len(pairs), device=device)[:, None].expand_as(packed.valid)[packed.valid]
+            pos_of = torch.arange(packed.valid.shape[1], device=device).expand_as(packed.valid)[packed.valid]
+            problems = torch.tensor([p for p, _ in pairs], device=device)[row_of]  # [N]
+            teachers = torch.tensor([j for _, j in pairs], device=device)[row_of]  # [N]
+            for c0, c1 in _chunks(hidden.shape[0], chunk_size * len(pairs)):
+                logits = parts.logits(hidden[c0:c1])  # [n, V]
+                top = logits.topk(k, dim=1).indices  # [n, k]
+                idx = (problems[c0:c1], teachers[c0:c1], pos_of[c0:c1])
+                support[idx] = top
+                teacher_local[idx] = topk_support_logprobs(logits, top, tokens[c0:c1]).float()
+
+    # Student (grad): one forward, every teacher's support per position chunk.
+    packed = _pack(prompt_ids, completion_ids, pad_id, device)
+    hidden = _completion_hidden(parts, packed)  # [N, H]
+    tokens = packed.targets[packed.valid]  # [N]
+    support_flat = support.permute(0, 2, 1, 3)[packed.valid]  # [N, K, k]
+    pieces = []
+    for c0, c1 in _chunks(hidden.shape[0], chunk_size * rows):
+        args = (parts, hidden[c0:c1], support_flat[c0:c1], tokens[c0:c1])
+        if hidden.requires_grad:
+            pieces.append(checkpoint(_support_logp_for_teachers, *args, use_reentrant=False))
+        else:
+            pieces.append(_support_logp_for_teachers(*args))
+    flat = torch.cat(pieces).float()  # [N, K]
+    grid = torch.zeros((rows, width_t, width_k), dtype=torch.float32, device=device)  # [B, T, K]
+    grid[packed.valid] = flat
+    student_local = grid.permute(0, 2, 1) * teacher_mask[:, :, None]  # [B, K, T]
+    return student_local, teacher_local, teacher_mask
+
+
+# ---------------------------------------------------------------------------------------------------
+# Full-distribution divergences (OPSD, Fig. 3(c)).
+
+
+_DIVERGENCES = {"forward_kl": forward_kl, "reverse_kl": reverse_kl, "jsd": generalized_jsd}
+
+
+def _divergence_chunk(
+    parts: _CausalLMParts,
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    kind: str,
+    beta: float,
+    teacher_context: ContextFactory,
+) -> torch.Tensor:
+    """Per-position divergence for student/teacher hidden states `[n, H]` -> `[n]`."""
+    divergence = _DIVERGENCES[kind]
+    student_logits = parts.logits(student_hidden)  # [n, V]
+    with torch.no_grad(), teacher_context() if teacher_context else contextlib.nullcontext():
+        teacher_logits = parts.logits(teacher_hidden)  # [n, V]
+    if kind == "jsd":
+        return divergence(student_logits, teacher_logits, beta=beta)  # [n]
+    return divergence(student_logits, teacher_logits)  # [n]
+
+
+def score_divergence(
+    model: torch.nn.Module,
+    student_prompt_ids: TokenIds,
+    teacher_prompt_ids: TokenIds,
+    completion_ids: TokenIds,
+    pad_id: int,
+    kind: str,
+    beta: float = 0.5,
+    chunk_size: int = 128,
+    chunk_rows: int = 4,
+    teacher_context: ContextFactory = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full-vocabulary divergence between student and one teacher per completion position.
+
+    `kind`: forward_kl = KL(p_T‖p_S), reverse_kl = KL(p_S‖p_T), jsd = generalized JSD(beta) (see
+    `sgsd.objectives`). The teacher's hidden states are computed first under no_grad (`chunk_rows`
+    rows per forward, inside `teacher_context` if given); then per position chunk, under checkpoint,
+    both heads run in fp32 and only one chunk's `[n, V]` logits are alive. Returns `(per_token [B, T]
+    fp32 with grad, valid [B, T] bool)`, 0 at padding.
+    """
+    if kind not in _DIVERGENCES:
+        raise ConfigError(f"unknown divergence {kind!r}; expected one of {sorted(_DIVERGENCES)}")
+    _check_batch(
+        completion_ids,
+        chunk_size,
+        ("student_prompt_ids", student_prompt_ids),
+        ("teacher_prompt_ids", teacher_prompt_ids),
+    )
+    device = _device(model)
+    parts = _causal_lm_parts(model)
+    rows, width_t = len(completion_ids), max((len(c) for c in completion_ids), default=0)
+    if width_t == 0:
+        empty = torch.zeros((rows, 0), device=device)
+        return empty, empty.bool()
+
+    with torch.no_grad(), teacher_context() if teacher_context else contextlib.nullcontext():
+        teacher_grid = None  # [B, T, H], filled per row chunk
+        for a, b in _chunks(rows, chunk_rows):
+            packed = _pack(teacher_prompt_ids[a:b], completion_ids[a:b], pad_id, device)
+            hidden = _completion_hidden(parts, packed)  # [N, H]
+            if teacher_grid is None:
+                teacher_grid = hidden.new_zeros((rows, width_t, hidden.shape[1]))
+            teacher_grid[a:b, : packed.valid.shape[1]][packed.valid] = hidden
+
+    packed = _pack(student_prompt_ids, completion_ids, pad_id, device)
+    student_hidden = _completion_hidden(parts, packed)  # [N, H]
+    teacher_hidden = teacher_grid[packed.valid]  # [N, H]
+    pieces = []
+    for c0, c1 in _chunks(student_hidden.shape[0], chunk_size * rows):
+        args = (parts, student_hidden[c0:c1], teacher_hidden[c0:c1], kind, beta, teacher_context)
+        if student_hidden.requires_grad:
+            pieces.append(checkpoint(_divergence_chunk, *args, use_reentrant=False))
+        else:
+            pieces.append(_divergence_chunk(*args))
+    per_token = torch.zeros((rows, width_t), dtype=torch.float32, device=device)  # [B, T]
+    per_token[packed.valid] = torch.cat(pieces).float()
+    return per_token, packed.valid
+
+
+# ---------------------------------------------------------------------------------------------------
+# Token mask m_t (Section 2.4).
+
+_MARKUP_TOKEN = re.compile(r"^<\|.*\|>$|^</?think>$")
+_DROP_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _drop_table(tokenizer) -> torch.Tensor:
+    """Boolean table over the tokenizer's ids: True where a token never counts in m_t. Cached."""
+    try:
+        return _DROP_TABLES[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    size = len(tokenizer)
+    drop = torch.zeros(size, dtype=torch.bool)
+    for token_id in tokenizer.all_special_ids:
+        drop[token_id] = True
+    for token_id, added in tokenizer.added_tokens_decoder.items():
+        if added.special or _MARKUP_TOKEN.match(added.content) or added.content.strip() == "":
+            drop[token_id] = True
+    texts = tokenizer.batch_decode([[i] for i in range(size)], clean_up_tokenization_spaces=False)
+    drop |= torch.tensor([text.strip() == "" for text in texts], dtype=torch.bool)
+    with contextlib.suppress(TypeError):
+        _DROP_TABLES[tokenizer] = drop
+    return drop
+
+
+def completion_token_mask(tokenizer, completion_ids, valid: torch.Tensor) -> torch.Tensor:
+    """The token mask m_t of Section 2.4: True at completion tokens that count in the aggregates.
+
+    A token is dropped (False) when:
+      1. it is padding (`valid` False);
+      2. it is one of the tokenizer's special tokens (`all_special_ids`: pad, bos, eos, ...);
+      3. it is an added token that is marked special, looks like a chat-template marker `<|...|>`, or
+         is a thinking delimiter `<think>` / `</think>` (added tokens such as these are dropped
+         whether or not the tokenizer marks them special);
+      4. it decodes to whitespace only ("\\n", "\\n\\n", " ", "\\t", ...) or to nothing;
+      5. its id lies outside the tokenizer (a model vocabulary padded past `len(tokenizer)`).
+    A thinking delimiter that the tokenizer splits into several ordinary tokens (no single `<think>`
+    token) is not dropped: its pieces (`<`, `think`, `>`) are ordinary text elsewhere.
+
+    `completion_ids`: a `[B, T]` tensor or B lists of ids (right-padded to `valid`'s width).
+    The table over the vocabulary is built once per tokenizer and cached.
+    """
+    drop = _drop_table(tokenizer)
+    if not torch.is_tensor(completion_ids):
+        width_t = valid.shape[1]
+        ids = torch.zeros(valid.shape, dtype=torch.long)
+        for b, row in enumerate(completion_ids):
+            if len(row) > width_t:
+                raise DataError(f"completion {b} has {len(row)} tokens but valid has width {width_t}")
+            ids[b, : len(row)] = torch.tensor(list(row), dtype=torch.long)
+        completion_ids = ids
+    ids = completion_ids.to(drop.device)  # [B, T]
+    inside = (ids >= 0) & (ids < drop.shape[0])  # [B, T]
+    dropped = drop[ids.clamp(0, drop.shape[0] - 1)] | ~inside  # [B, T]
+    return valid & ~dropped.to(valid.device)  # [B, T]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Thinking boundary: teacher prompts that end where the student's prompt ends.
+
+
+def _generation_suffix(tokenizer, student_enable_thinking: bool, teacher_enable_thinking: bool) -> str:
+    """What the student's render has after the assistant header that the teacher's lacks.
+
+    Renders one probe message both ways. The teacher's render must be a prefix of the student's
+    (templates differ only at the end, e.g. Qwen3 without thinking appends `<think>\\n\\n</think>\\n\\n`);
+    otherwise the boundary cannot be aligned by appending and a ConfigError says so.
+    """
+    probe = "Probe problem: 1 + 1?"
+    student = render_chat(tokenizer, probe, enable_thinking=student_enable_thinking)
+    teacher = render_chat(tokenizer, probe, enable_thinking=teacher_enable_thinking)
+    if not student.startswith(teacher):
+        shared = len(_common_prefix(student, teacher))
+        raise ConfigError(
+            "cannot align the thinking boundary: the teacher's chat template ends with "
+            f"{teacher[shared:]!r} where the student's ends with {student[shared:]!r}; "
+            "set align_think_block=False to score with the teacher's own template"
+        )
+    return student[len(teacher) :]
+
+
+def _common_prefix(a: str, b: str) -> str:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return a[:n]
+
+
+def teacher_prompt_ids(
+    tokenizer,
+    teacher_texts: Sequence,
+    student_enable_thinking: bool = False,
+    teacher_enable_thinking: bool = True,
+    align_think_block: bool = True,
+) -> list[list[int]]:
+    """Token ids of teacher prompts, rendered with `sgsd.prompts.render_chat` (thinking as given).
+
+    The student generates after its own template's assistant header; with Qwen3-style templates and
+    thinking off that header is followed by an empty think block `<think>\\n\\n</think>\\n\\n`, so the
+    student's first completion token is an answer token. A thinking teacher's template ends at
+    `<|im_start|>assistant\\n` and expects `<think>` next, so it would score the student's first tokens
+    at a boundary it never sees (OPSD#10).
+
+    Decision: with `align_think_block=True` (default) every teacher prompt gets the student template's
+    generation suffix appended — whatever the student's render has after the assistant header that the
+    teacher's render lacks (the empty think block; nothing for templates that ignore thinking) — so the
+    teacher scores each completion token in the same context the student produced it in, and only the
+    privileged text differs. With `align_think_block=False` the teacher's own render is used as is (the
+    reference implementation's behaviour). Prompts are tokenized without extra special tokens (the
+    template adds them), as the student's prompt must be.
+    """
+    suffix = ""
+    if align_think_block:
+        suffix = _generation_suffix(tokenizer, student_enable_thinking, teacher_enable_thinking)
+    texts = [
+        render_chat(tokenizer, text, enable_thinking=teacher_enable_thinking) + suffix
+        for text in teacher_texts
+    ]
+    return [list(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts]

@@ -1,0 +1,459 @@
+"""sgsd.scoring against a plain reference: each row scored alone, no padding, full-sequence logits and a
+full-vocabulary log-softmax (what the reference implementation computes, minus its padding bugs)."""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+from conftest import build_tiny_model_dir
+
+from sgsd import scoring
+from sgsd.errors import ConfigError, DataError
+
+torch.set_num_threads(2)
+TOL = 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fixtures and the plain reference.
+
+
+def _load(path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_model_dir):
+    return _load(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory):
+    return _load(build_tiny_model_dir(tmp_path_factory.mktemp("tiny-qwen3"), seed=1, arch="qwen3"))
+
+
+@pytest.fixture(scope="module")
+def lora_llama(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(3)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    # init_lora_weights=False draws lora_B at random (nonzero), so the adapter changes the outputs
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+    return get_peft_model(_load(tiny_model_dir), config)
+
+
+@pytest.fixture(params=["llama", "qwen3", "lora"])
+def model(request, llama, qwen3, lora_llama):
+    return {"llama": llama, "qwen3": qwen3, "lora": lora_llama}[request.param]
+
+
+def _ids(rng: random.Random, n: int, vocab: int = 49152) -> list[int]:
+    return [rng.randrange(17, vocab) for _ in range(n)]
+
+
+def reference_logp(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
+    """log p(completion_t) for one row alone: whole-sequence logits, full log-softmax, gather. [T]"""
+    ids = torch.tensor([prompt + completion])  # [1, P + T]
+    logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)  # [P + T, V]
+    rows = logp[len(prompt) - 1 : len(prompt) - 1 + len(completion)]  # [T, V]
+    return rows.gather(1, torch.tensor(completion)[:, None]).squeeze(1)  # [T]
+
+
+def reference_logits(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
+    ids = torch.tensor([prompt + completion])  # [1, P + T]
+    return model(input_ids=ids).logits[0, len(prompt) - 1 : len(prompt) - 1 + len(completion)]  # [T, V]
+
+
+def _problems(seed: int, b: int = 3):
+    rng = random.Random(seed)
+    prompts = [_ids(rng, rng.randint(2, 20)) for _ in range(b)]
+    completions = [_ids(rng, rng.randint(1, 14)) for _ in range(b)]
+    return rng, prompts, completions
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+def assert_same_grads(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> None:
+    """Same parameters, and per tensor a relative L2 difference below 1e-5 (fp32 sums in another order)."""
+    assert ours.keys() == theirs.keys() and len(ours) > 0
+    for name in ours:
+        scale = theirs[name].norm().clamp(min=1e-12)
+        assert (ours[name] - theirs[name]).norm() / scale < 1e-5, name
+
+
+# ---------------------------------------------------------------------------------------------------
+# Student.
+
+
+def test_student_matches_reference_values_and_gradients(model):
+    _, prompts, completions = _problems(seed=0)
+    completions[1] = completions[1][:1]  # one very short completion: right padding inside the batch
+    weights = torch.randn(
+        len(prompts), max(map(len, completions)), generator=torch.Generator().manual_seed(0)
+    )
+
+    model.zero_grad()
+    logp, valid = scoring.score_student(model, prompts, completions, pad_id=2, chunk_size=4)
+    assert logp.dtype == torch.float32 and valid.shape == logp.shape
+    (logp * weights).sum().backward()
+    ours = _grads(model)
+
+    model.zero_grad()
+    total = 0.0
+    for b, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
+        ref = reference_logp(model, prompt, completion)  # [T_b]
+        assert valid[b].sum().item() == len(completion)
+        torch.testing.assert_close(logp[b, : len(completion)], ref.detach(), atol=TOL, rtol=0)
+        assert torch.all(logp[b, len(completion) :] == 0)
+        total = total + (ref * weights[b, : len(completion)]).sum()
+    total.backward()
+    theirs = _grads(model)
+    assert_same_grads(ours, theirs)
+    model.zero_grad()
+
+
+def test_student_chunk_size_does_not_change_results(llama):
+    _, prompts, completions = _problems(seed=1)
+    with torch.no_grad():
+        one, _ = scoring.score_student(llama, prompts, completions, pad_id=2, chunk_size=1)
+        big, _ = scoring.score_student(llama, prompts, completions, pad_id=2, chunk_size=1000)
+    torch.testing.assert_close(one, big, atol=TOL, rtol=0)
+
+
+def test_student_rejects_empty_prompt_and_mismatched_batch(llama):
+    with pytest.raises(DataError, match="empty prompt"):
+        scoring.score_student(llama, [[]], [[5, 6]], pad_id=2)
+    with pytest.raises(DataError, match="prompt_ids has 2 problems"):
+        scoring.score_student(llama, [[5], [6]], [[5, 6]], pad_id=2)
+
+
+def test_padding_does_not_shift_positions(llama):
+    """A short prompt scored beside a long one gives the same log-probs as scored alone."""
+    rng = random.Random(7)
+    short, long_, completion = _ids(rng, 2), _ids(rng, 40), _ids(rng, 6)
+    with torch.no_grad():
+        together, _ = scoring.score_student(llama, [short, long_], [completion, completion], pad_id=2)
+        alone = reference_logp(llama, short, completion)
+    torch.testing.assert_close(together[0], alone, atol=TOL, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Teachers.
+
+
+@pytest.mark.parametrize("counts", [(8, 1, 5), (2, 7, 3), (1, 1, 1)])
+def test_teachers_match_reference_for_k_teachers_of_mixed_lengths(model, counts):
+    """Problems with different numbers of teachers (1 to 8) and teacher prompts of 1 to 30 tokens."""
+    rng, prompts, completions = _problems(seed=10 + sum(counts))
+    num_teachers = max(counts)
+    teacher_prompts = [[_ids(rng, rng.randint(1, 30)) for _ in range(c)] for c in counts]
+
+    logp, mask = scoring.score_teachers(
+        model, teacher_prompts, completions, pad_id=2, chunk_rows=3, chunk_size=5
+    )
+    assert logp.shape == (3, num_teachers, max(map(len, completions)))
+    assert not logp.requires_grad
+    assert mask.tolist() == [[k < c for k in range(num_teachers)] for c in counts]
+    with torch.no_grad():
+        for b, completion in enumerate(completions):
+            for k in range(num_teachers):
+                if k >= counts[b]:
+                    assert torch.all(logp[b, k] == 0)
+                    continue
+                ref = reference_logp(model, teacher_prompts[b][k], completion)
+                torch.testing.assert_close(logp[b, k, : len(completion)], ref, atol=TOL, rtol=0)
+                assert torch.all(logp[b, k, len(completion) :] == 0)
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 4, 16])
+def test_teacher_chunk_rows_do_not_change_results(llama, chunk_rows):
+    rng, _, completions = _problems(seed=20)
+    teacher_prompts = [[_ids(rng, rng.randint(1, 25)) for _ in range(4)] for _ in completions]
+    base, _ = scoring.score_teachers(llama, teacher_prompts, completions, pad_id=2, chunk_rows=2)
+    other, _ = scoring.score_teachers(llama, teacher_prompts, completions, pad_id=2, chunk_rows=chunk_rows)
+    torch.testing.assert_close(base, other, atol=TOL, rtol=0)
+
+
+def test_frozen_teacher_via_disable_adapter_matches_base_model(lora_llama):
+    rng, _, completions = _problems(seed=21, b=2)
+    teacher_prompts = [[_ids(rng, 9)], [_ids(rng, 4)]]
+    with lora_llama.disable_adapter():
+        frozen, _ = scoring.score_teachers(lora_llama, teacher_prompts, completions, pad_id=2)
+        with torch.no_grad():
+            ref = reference_logp(lora_llama, teacher_prompts[0][0], completions[0])
+    live, _ = scoring.score_teachers(lora_llama, teacher_prompts, completions, pad_id=2)
+    torch.testing.assert_close(frozen[0, 0, : len(completions[0])], ref, atol=TOL, rtol=0)
+    assert (frozen - live).abs().max() > 1e-3  # the adapter does change the teacher
+
+
+# ---------------------------------------------------------------------------------------------------
+# Top-K support (Section 4.5).
+
+
+def test_topk_support_matches_reference(model):
+    rng, prompts, completions = _problems(seed=30, b=2)
+    teacher_prompts = [[_ids(rng, 12), _ids(rng, 3), _ids(rng, 7)], [_ids(rng, 5)]]
+    k = 5
+    model.zero_grad()
+    student, teacher, mask = scoring.score_topk_support(
+        model, prompts, teacher_prompts, completions, pad_id=2, k=k, chunk_rows=2, chunk_size=3
+    )
+    assert mask.tolist() == [[True, True, True], [True, False, False]]
+    assert student.shape == teacher.shape == (2, 3, max(map(len, completions)))
+    assert student.requires_grad and not teacher.requires_grad
+    student.sum().backward()
+    ours = _grads(model)
+
+    model.zero_grad()
+    total = 0.0
+    for b, completion in enumerate(completions):
+        tokens = torch.tensor(completion)  # [T]
+        student_logits = reference_logits(model, prompts[b], completion)  # [T, V]
+        for j, teacher_prompt in enumerate(teacher_prompts[b]):
+            with torch.no_grad():
+                teacher_logits = reference_logits(model, teacher_prompt, completion)  # [T, V]
+            top = teacher_logits.topk(k, dim=1).indices  # [T, k]
+            in_top = (top == tokens[:, None]).any(1)  # [T]
+            ref_t, ref_s = [], []
+            for t in range(len(completion)):
+                idx = top[t] if in_top[t] else torch.cat([top[t], tokens[t : t + 1]])
+                ref_t.append(teacher_logits[t, tokens[t]] - teacher_logits[t, idx].logsumexp(0))
+                ref_s.append(student_logits[t, tokens[t]] - student_logits[t, idx].logsumexp(0))
+            torch.testing.assert_close(teacher[b, j, : len(completion)], torch.stack(ref_t), atol=TOL, rtol=0)
+            torch.testing.assert_close(
+                student[b, j, : len(completion)], torch.stack(ref_s).detach(), atol=TOL, rtol=0
+            )
+            total = total + torch.stack(ref_s).sum()
+        assert torch.all(student[b, len(teacher_prompts[b]) :] == 0)
+        assert torch.all(teacher[b, len(teacher_prompts[b]) :] == 0)
+    total.backward()
+    theirs = _grads(model)
+    assert_same_grads(ours, theirs)
+    model.zero_grad()
+
+
+def test_topk_support_over_whole_vocabulary_is_full_normalisation(llama):
+    """With k >= V the local support is the whole vocabulary: the sampled-token log-probs come back."""
+    rng, prompts, completions = _problems(seed=31, b=2)
+    teacher_prompts = [[_ids(rng, 6), _ids(rng, 2)], [_ids(rng, 9), _ids(rng, 11)]]
+    vocab = llama.config.vocab_size
+    with torch.no_grad():
+        student, teacher, _ = scoring.score_topk_support(
+            llama,
+            prompts,
+            teacher_prompts,
+            completions,
+            2,
+            k=vocab + 7,  # more than V: the whole vocabulary
+        )
+        full_s, valid = scoring.score_student(llama, prompts, completions, pad_id=2)
+    full_t, _ = scoring.score_teachers(llama, teacher_prompts, completions, pad_id=2)
+    torch.testing.assert_close(teacher, full_t, atol=TOL, rtol=0)
+    torch.testing.assert_close(student, full_s[:, None].expand_as(student), atol=TOL, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Full-distribution divergences.
+
+
+@pytest.mark.parametrize(
+    "model_name, kind",
+    [
+        ("llama", "forward_kl"),
+        ("llama", "reverse_kl"),
+        ("qwen3", "jsd"),
+        ("lora", "jsd"),
+        ("lora", "forward_kl"),
+    ],
+)
+def test_divergence_matches_reference(request, model_name, kind):
+    model = request.getfixturevalue({"lora": "lora_llama"}.get(model_name, model_name))
+    divergence = scoring._DIVERGENCES[kind]
+    rng, prompts, completions = _problems(seed=40)
+    teacher_prompts = [_ids(rng, rng.randint(1, 25)) for _ in completions]
+    model.zero_grad()
+    per_token, valid = scoring.score_divergence(
+        model,
+        prompts,
+        teacher_prompts,
+        completions,
+        pad_id=2,
+        kind=kind,
+        beta=0.3,
+        chunk_size=4,
+        chunk_rows=2,
+    )
+    per_token.sum().backward()
+    ours = _grads(model)
+    model.zero_grad()
+    total = 0.0
+    for b, completion in enumerate(completions):
+        s = reference_logits(model, prompts[b], completion)  # [T, V]
+        with torch.no_grad():
+            t = reference_logits(model, teacher_prompts[b], completion)  # [T, V]
+        ref = divergence(s, t, beta=0.3) if kind == "jsd" else divergence(s, t)  # [T]
+        torch.testing.assert_close(per_token[b, : len(completion)], ref.detach(), atol=TOL, rtol=0)
+        assert valid[b].sum().item() == len(completion)
+        total = total + ref.sum()
+    total.backward()
+    theirs = _grads(model)
+    assert_same_grads(ours, theirs)
+    model.zero_grad()
+
+
+def test_divergence_rejects_unknown_kind(llama):
+    with pytest.raises(ConfigError, match="unknown divergence"):
+        scoring.score_divergence(llama, [[5]], [[6]], [[7]], pad_id=2, kind="tv")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Token mask m_t.
+
+
+def _mask(tokenizer, ids: list[int]) -> list[bool]:
+    valid = torch.ones((1, len(ids)), dtype=torch.bool)
+    return scoring.completion_token_mask(tokenizer, [ids], valid)[0].tolist()
+
+
+def test_mask_keeps_reasoning_tokens(smollm2_tokenizer):
+    ids = smollm2_tokenizer("Adding seven gives nineteen, so x=19.", add_special_tokens=False)["input_ids"]
+    assert _mask(smollm2_tokenizer, ids) == [True] * len(ids)
+    # SmolLM2 splits " 12" into " ", "1", "2": the lone space is a whitespace-only token and is dropped
+    ids = smollm2_tokenizer("is 12", add_special_tokens=False)["input_ids"]
+    assert [smollm2_tokenizer.decode([i]) for i in ids] == ["is", " ", "1", "2"]
+    assert _mask(smollm2_tokenizer, ids) == [True, False, True, True]
+
+
+def test_mask_drops_padding(smollm2_tokenizer):
+    ids = smollm2_tokenizer(" two plus", add_special_tokens=False)["input_ids"]
+    valid = torch.tensor([[True] * len(ids) + [False]])
+    padded = torch.tensor([ids + [ids[0]]])  # the padding column holds an ordinary token
+    assert scoring.completion_token_mask(smollm2_tokenizer, padded, valid)[0].tolist() == [True] * len(
+        ids
+    ) + [False]
+
+
+def test_mask_drops_special_and_chat_template_tokens(smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    ids = [
+        tok.convert_tokens_to_ids(t) for t in ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<file_sep>"]
+    ]
+    assert _mask(tok, ids) == [False, False, False, False]
+
+
+def test_mask_drops_added_think_and_markup_tokens_not_marked_special(smollm2_tokenizer):
+    tok = copy.deepcopy(smollm2_tokenizer)
+    tok.add_tokens(["<think>", "</think>", "<|tool|>", "plainword_added"])  # special=False
+    ids = [tok.convert_tokens_to_ids(t) for t in ["<think>", "</think>", "<|tool|>"]]
+    assert _mask(tok, ids) == [False, False, False]
+    word = tok.convert_tokens_to_ids("plainword_added")
+    assert _mask(tok, [word]) == [True]  # an added token that is neither special nor markup counts
+
+
+def test_mask_drops_whitespace_only_tokens(smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    for text in ["\n", "\n\n", " ", "  ", "\t"]:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert len(ids) == 1, text
+        assert _mask(tok, ids) == [False], repr(text)
+    ids = tok("a\n\nb", add_special_tokens=False)["input_ids"]  # a, "\n", "\n", b
+    assert _mask(tok, ids) == [True, False, False, True]
+
+
+def test_mask_drops_ids_outside_the_tokenizer(smollm2_tokenizer):
+    assert _mask(smollm2_tokenizer, [len(smollm2_tokenizer) + 5, 28120]) == [False, True]
+
+
+def test_mask_table_is_cached(smollm2_tokenizer):
+    assert scoring._drop_table(smollm2_tokenizer) is scoring._drop_table(smollm2_tokenizer)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Thinking boundary.
+
+QWEN3_STYLE_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif %}"
+    "{%- endif %}"
+)
+
+
+@pytest.fixture
+def qwen3_style_tokenizer(smollm2_tokenizer):
+    tok = copy.deepcopy(smollm2_tokenizer)
+    tok.chat_template = QWEN3_STYLE_TEMPLATE
+    return tok
+
+
+def _encode(tok, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_aligned_teacher_prompt_ends_like_the_student_prompt(qwen3_style_tokenizer):
+    tok = qwen3_style_tokenizer
+    student = _encode(tok, scoring.render_chat(tok, "Problem: 2+2?", enable_thinking=False))
+    teacher = scoring.teacher_prompt_ids(tok, ["Skill: count.\n\nProblem: 2+2?"])[0]
+    tail = _encode(tok, "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert student[-len(tail) :] == tail
+    assert teacher[-len(tail) :] == tail  # the completion follows the same empty think block
+    assert tok.decode(teacher).startswith("<|im_start|>user\nSkill: count.")
+
+
+def test_unaligned_teacher_prompt_is_the_thinking_render(qwen3_style_tokenizer):
+    tok = qwen3_style_tokenizer
+    teacher = scoring.teacher_prompt_ids(tok, ["Problem: 2+2?"], align_think_block=False)[0]
+    assert tok.decode(teacher) == "<|im_start|>user\nProblem: 2+2?<|im_end|>\n<|im_start|>assistant\n"
+    aligned = scoring.teacher_prompt_ids(tok, ["Problem: 2+2?"])[0]
+    assert tok.decode(aligned) == tok.decode(teacher) + "<think>\n\n</think>\n\n"
+    # thinking teacher + aligned block = the student's own render of the same text
+    assert aligned == _encode(tok, scoring.render_chat(tok, "Problem: 2+2?", enable_thinking=False))
+
+
+def test_alignment_is_a_no_op_for_templates_without_thinking(smollm2_tokenizer):
+    aligned = scoring.teacher_prompt_ids(smollm2_tokenizer, ["Problem: 1+1?"])[0]
+    plain = scoring.teacher_prompt_ids(smollm2_tokenizer, ["Problem: 1+1?"], align_think_block=False)[0]
+    assert aligned == plain
+
+
+def test_alignment_refuses_templates_that_do_not_extend(qwen3_style_tokenizer):
+    tok = qwen3_style_tokenizer
+    tok.chat_template = QWEN3_STYLE_TEMPLATE.replace(
+        "{%- endif %}{%- endif %}", "{%- else %}{{- '<think>\\n' }}{%- endif %}{%- endif %}"
+    )
+    # thinking on now adds "<think>\n", which is a prefix of the student's "<think>\n\n</think>\n\n"
+    aligned = scoring.teacher_prompt_ids(tok, ["Q"])[0]
+    assert tok.decode(aligned).endswith("assistant\n<think>\n\n</think>\n\n")
+    tok.chat_template = QWEN3_STYLE_TEMPLATE.replace(
+        "{%- endif %}{%- endif %}", "{%- else %}{{- 'THINK:' }}{%- endif %}{%- endif %}"
+    )
+    with pytest.raises(ConfigError, match="cannot align the thinking boundary"):
+        scoring.teacher_prompt_ids(tok, ["Q"])
+    assert tok.decode(scoring.teacher_prompt_ids(tok, ["Q"], align_think_block=False)[0]).endswith("THINK:")
+
+
+def test_teacher_scores_student_completion_at_the_same_relative_position(qwen3_style_tokenizer, llama):
+    """End to end: the aligned teacher with the student's own text is the student, token for token."""
+    tok = qwen3_style_tokenizer
+    student_prompt = _encode(tok, scoring.render_chat(tok, "Problem: 3+4?", enable_thinking=False))
+    completion = _encode(tok, "3 + 4 = 7, so the answer is \\boxed{7}.<|im_end|>")
+    teacher_prompt = scoring.teacher_prompt_ids(tok, ["Problem: 3+4?"])[0]
+    with torch.no_grad():
+        student, _ = scoring.score_student(llama, [student_prompt], [completion], pad_id=tok.pad_token_id)
+    teacher, _ = scoring.score_teachers(llama, [[teacher_prompt]], [completion], pad_id=tok.pad_token_id)
+    torch.testing.assert_close(teacher[:, 0], student, atol=TOL, rtol=0)
