@@ -385,8 +385,8 @@ class Trainer:
                 print(f"step {self.step + 1}: non-finite loss or gradient, step skipped")
         else:
             self.optimizer.step()
+            self.scheduler.step()  # a skipped step does not advance the schedule
             stats["skipped_step"] = 0.0
-        self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         stats.update(
             reward_mean=float(rewards.mean()),
