@@ -44,6 +44,14 @@ from torch.utils.checkpoint import checkpoint
 
 # Keys of `sgsd_loss` metrics whose values are detached [B, K] tensors (all other keys are 0-d tensors).
 SGSD_TENSOR_METRICS = ("support", "rho", "weights", "teacher_loss")
+# the Table 2 polarity mix logged by `sgsd_loss`, in the paper's order of cases
+POLARITY_FRACTIONS = (
+    "helpful_fraction",
+    "warning_fraction",
+    "misleading_fraction",
+    "over_suppressive_fraction",
+    "neutral_fraction",
+)
 
 Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
 Aggregation = Literal["token_mean", "sequence_mean"]

@@ -35,6 +35,7 @@ import yaml
 from sgsd.errors import DataError, UserError
 from sgsd.evaluate import read_summaries, select_checkpoints
 from sgsd.fileio import atomic_write_text, read_jsonl
+from sgsd.objectives import POLARITY_FRACTIONS
 
 METHOD_NAMES = {
     "base": "Base",
@@ -46,13 +47,14 @@ METHOD_NAMES = {
     "sgsd": "SGSD",
 }
 ROW_ORDER = list(METHOD_NAMES.values())
-POLARITY = [  # metrics.jsonl column, legend label, colour
-    ("helpful_fraction", "helpful", "#2e7d32"),
-    ("warning_fraction", "warning", "#1565c0"),
-    ("misleading_fraction", "misleading", "#c62828"),
-    ("over_suppressive_fraction", "over-suppressive", "#ef6c00"),
-    ("neutral_fraction", "neutral", "#9e9e9e"),
-]
+POLARITY = list(  # metrics.jsonl column, legend label, colour
+    zip(
+        POLARITY_FRACTIONS,
+        ("helpful", "warning", "misleading", "over-suppressive", "neutral"),
+        ("#2e7d32", "#1565c0", "#c62828", "#ef6c00", "#9e9e9e"),
+        strict=True,
+    )
+)
 
 
 @dataclass

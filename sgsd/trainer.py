@@ -40,17 +40,10 @@ from sgsd import checkpoint as ckpt
 from sgsd.config import Config, config_to_dict, dump_config
 from sgsd.errors import UserError
 from sgsd.fileio import append_jsonl, atomic_write_text
+from sgsd.objectives import POLARITY_FRACTIONS
 
 SKILL_METHODS = {"sgsd", "opsd_skill", "grpo_skill"}
 TEACHER_METHODS = {"sgsd", "opsd", "opsd_skill"}
-# the Table 2 polarity mix, as logged by sgsd.objectives.sgsd_loss
-POLARITY_KEYS = (
-    "helpful_fraction",
-    "warning_fraction",
-    "misleading_fraction",
-    "over_suppressive_fraction",
-    "neutral_fraction",
-)
 
 
 @dataclass
@@ -680,8 +673,8 @@ class Trainer:
     @staticmethod
     def _postfix(m: dict) -> dict:
         out = {"reward": f"{m.get('reward_mean', 0):+.2f}", "loss": f"{m.get('loss', 0):.4f}"}
-        if POLARITY_KEYS[0] in m:
-            out["pol(h/w/m/o/n)"] = "/".join(f"{m.get(k, 0):.2f}" for k in POLARITY_KEYS)
+        if POLARITY_FRACTIONS[0] in m:
+            out["pol(h/w/m/o/n)"] = "/".join(f"{m.get(k, 0):.2f}" for k in POLARITY_FRACTIONS)
         return out
 
     def save_checkpoint(self) -> Path | None:

@@ -68,9 +68,9 @@ def test_sgsd_logs_the_polarity_mix(tmp_path, tiny_model_dir, monkeypatch):
     _alternating_grades(monkeypatch)
     run = _train(tmp_path, tiny_model_dir, "train.method=sgsd")
     row = read_jsonl(run / "metrics.jsonl")[0]
-    from sgsd.trainer import POLARITY_KEYS
+    from sgsd.objectives import POLARITY_FRACTIONS
 
-    fractions = [row[k] for k in POLARITY_KEYS]
+    fractions = [row[k] for k in POLARITY_FRACTIONS]
     assert sum(fractions) == pytest.approx(1.0, abs=1e-6)
     assert 0.0 < row["kept_token_fraction"] <= 1.0
 
@@ -115,7 +115,9 @@ def test_non_finite_loss_skips_the_step(tmp_path, tiny_model_dir, monkeypatch):
     def poisoned(*args, **kwargs):
         loss, metrics = real(*args, **kwargs)
         calls["n"] += 1
-        return (loss * float("nan") if calls["n"] == 1 else loss), metrics  # step 1 stops at its first micro-batch
+        return (
+            loss * float("nan") if calls["n"] == 1 else loss
+        ), metrics  # step 1 stops at its first micro-batch
 
     monkeypatch.setattr(objectives, "sgsd_loss", poisoned)
     run = _train(tmp_path, tiny_model_dir, "train.method=sgsd")
