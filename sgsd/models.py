@@ -29,10 +29,15 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from sgsd.errors import ConfigError, UserError
+
+# peft reads transformers' deprecated `is_gradient_checkpointing` on every wrap; the warning is theirs
+# and says nothing actionable to an sgsd user.
+warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
 
 EMBEDDED_PREFIX = "embedded:"
 TRAINABLE_ADAPTER = "default"
