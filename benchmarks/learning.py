@@ -33,7 +33,6 @@ Afterwards (or with `--report-only`) the script writes, from every run folder un
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import shutil
@@ -66,8 +65,13 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "sgsd_no_polarity": ("SGSD w/o polarity", ["train.method=sgsd", "objective.use_polarity=false"]),
     "sgsd_single_teacher": ("SGSD K=1", ["train.method=sgsd", "teachers.count=1"]),
 }
-POLARITY_KEYS = ["helpful_fraction", "warning_fraction", "misleading_fraction",
-                 "over_suppressive_fraction", "neutral_fraction"]  # fmt: skip
+POLARITY_KEYS = [
+    "helpful_fraction",
+    "warning_fraction",
+    "misleading_fraction",
+    "over_suppressive_fraction",
+    "neutral_fraction",
+]
 SIGNALS = [  # metrics.jsonl key, panel title
     ("reward_mean", "mean reward"),
     ("mean_support", "mean robust support"),
@@ -100,8 +104,12 @@ def train_command(
     if resume:
         cmd.append("--resume")
     cmd += VARIANTS[variant][1]
-    cmd += [f"train.seed={seed}", f"train.time_budget_s={budget_s:g}", f"train.eval_every_s={eval_every_s:g}",
-            f"train.steps={max_steps}"]  # fmt: skip
+    cmd += [
+        f"train.seed={seed}",
+        f"train.time_budget_s={budget_s:g}",
+        f"train.eval_every_s={eval_every_s:g}",
+        f"train.steps={max_steps}",
+    ]
     return cmd + list(extra)
 
 
@@ -136,8 +144,17 @@ def run_one(cli, variant: str, seed: int) -> str:
         print(f"[skip] {variant} seed {seed}: finished ({run_dir / 'done.json'})", flush=True)
         return "skipped"
     resume = run_dir.is_dir() and has_checkpoint(run_dir)
-    cmd = train_command(cli.config, run_dir, variant, seed, cli.budget_min * 60, cli.eval_every_min * 60,
-                        cli.max_steps, cli.set, resume)  # fmt: skip
+    cmd = train_command(
+        cli.config,
+        run_dir,
+        variant,
+        seed,
+        cli.budget_min * 60,
+        cli.eval_every_min * 60,
+        cli.max_steps,
+        cli.set,
+        resume,
+    )
     if cli.dry_run:
         print(" ".join(cmd), flush=True)
         return "dry-run"
@@ -158,15 +175,24 @@ def run_one(cli, variant: str, seed: int) -> str:
         rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
     wall = time.time() - started
     if rc != 0:
-        print(f"[failed] {variant} seed {seed}: exit {rc} after {wall:.0f} s; see {run_dir / 'train.log'}",
-              flush=True)  # fmt: skip
+        print(
+            f"[failed] {variant} seed {seed}: exit {rc} after {wall:.0f} s; see {run_dir / 'train.log'}",
+            flush=True,
+        )
         return "failed"
     last = _last_metrics(run_dir)
-    atomic_write_json(run_dir / "done.json", {
-        "variant": variant, "seed": seed, "steps": last.get("step", 0),
-        "train_time_s": last.get("train_time_s", 0.0), "wall_s_last_invocation": round(wall, 1),
-        "command": cmd, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-    })  # fmt: skip
+    atomic_write_json(
+        run_dir / "done.json",
+        {
+            "variant": variant,
+            "seed": seed,
+            "steps": last.get("step", 0),
+            "train_time_s": last.get("train_time_s", 0.0),
+            "wall_s_last_invocation": round(wall, 1),
+            "command": cmd,
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+        },
+    )
     if not cli.keep_checkpoints:
         prune_checkpoints(run_dir)
     print(f"[done] {variant} seed {seed}: {last.get('step', 0)} steps, {wall:.0f} s wall", flush=True)
@@ -257,8 +283,12 @@ def run_scores(evals: dict[int, dict]) -> dict[str, float]:
     scores = {s: mean_avg_at_k(v) for s, v in evals.items()}
     trained = [v for s, v in scores.items() if s > 0] or list(scores.values())
     final = scores[max(scores)]
-    return {"base": scores.get(0, math.nan), "final": final, "best": max(trained),
-            "gain": final - scores.get(0, math.nan)}  # fmt: skip
+    return {
+        "base": scores.get(0, math.nan),
+        "final": final,
+        "best": max(trained),
+        "gain": final - scores.get(0, math.nan),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -274,8 +304,10 @@ def load_groups(out: Path) -> dict[str, list]:
     if not root.is_dir():
         return groups
     known = list(VARIANTS)
-    folders = sorted((d for d in root.iterdir() if d.is_dir()),
-                     key=lambda d: (known.index(d.name) if d.name in known else len(known), d.name))  # fmt: skip
+    folders = sorted(
+        (d for d in root.iterdir() if d.is_dir()),
+        key=lambda d: (known.index(d.name) if d.name in known else len(known), d.name),
+    )
     for vdir in folders:
         runs = []
         for sdir in sorted(vdir.glob("seed-*"), key=lambda d: d.name):
@@ -321,11 +353,24 @@ def write_table(groups: dict[str, list], out: Path) -> Path:
                 if not math.isnan(scores[key]):
                     row[col].append(scores[key])
             row["step"].append(_steps_done(run))
-        data[variant] = {"label": label, "seeds": [r.seed for r in runs], "finished": [r.done for r in runs],
-                         **{c: row[c] for c in columns}, "steps": row["step"],
-                         "train_min": [_train_minutes(r) for r in runs]}  # fmt: skip
-    ks = sorted({res.get("k") for runs in groups.values() for r in runs for s in r.evals.values()
-                 for res in s.get("results", {}).values()} - {None})  # fmt: skip
+        data[variant] = {
+            "label": label,
+            "seeds": [r.seed for r in runs],
+            "finished": [r.done for r in runs],
+            **{c: row[c] for c in columns},
+            "steps": row["step"],
+            "train_min": [_train_minutes(r) for r in runs],
+        }
+    ks = sorted(
+        {
+            res.get("k")
+            for runs in groups.values()
+            for r in runs
+            for s in r.evals.values()
+            for res in s.get("results", {}).values()
+        }
+        - {None}
+    )
     budgets = sorted(
         {(_run_setting(r, "train", "time_budget_s") or 0) / 60 for rs in groups.values() for r in rs}
     )
@@ -342,13 +387,19 @@ def write_table(groups: dict[str, list], out: Path) -> Path:
     ]
     if unfinished:
         lines += [f"Unfinished runs (partial results included): {', '.join(unfinished)}.", ""]
-    lines += ["## Runs", "", "| Variant | Seed | Finished | Steps | Training min | Evaluations (min: avg@k %) |",
-              "|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "## Runs",
+        "",
+        "| Variant | Seed | Finished | Steps | Training min | Evaluations (min: avg@k %) |",
+        "|---|---|---|---|---|---|",
+    ]
     for runs in groups.values():
         for run in runs:
             curve = ", ".join(f"{m:.1f}: {a:.1f}" for m, a in eval_curve(run.evals, run.metrics))
-            lines.append(f"| {run.label} | {run.seed} | {'yes' if run.done else 'no'} | {_steps_done(run)} "
-                         f"| {_train_minutes(run):.1f} | {curve or '–'} |")  # fmt: skip
+            lines.append(
+                f"| {run.label} | {run.seed} | {'yes' if run.done else 'no'} | {_steps_done(run)} "
+                f"| {_train_minutes(run):.1f} | {curve or '–'} |"
+            )
     lines.append("")
     path = out / "table.md"
     atomic_write_text(path, "\n".join(lines))
@@ -364,8 +415,13 @@ def plot_learning(groups: dict[str, list], out: Path) -> Path | None:
     if not any(len(c) > 1 for runs in curves.values() for _, c in runs):
         return None
     budget = max((_run_setting(r, "train", "time_budget_s") or 0) / 60 for rs in groups.values() for r in rs)
-    every = min(((_run_setting(r, "train", "eval_every_s") or 0) / 60 for rs in groups.values() for r in rs),
-                default=0) or budget / 4  # fmt: skip
+    every = (
+        min(
+            ((_run_setting(r, "train", "eval_every_s") or 0) / 60 for rs in groups.values() for r in rs),
+            default=0,
+        )
+        or budget / 4
+    )
     if budget <= 0:
         budget = max(c[-1][0] for runs in curves.values() for _, c in runs if c)
     grid = time_grid(budget, every)
@@ -382,12 +438,20 @@ def plot_learning(groups: dict[str, list], out: Path) -> Path | None:
         ax.plot([x for x, _ in raw], [y for _, y in raw], "x", color=colour, alpha=0.4, markersize=5)
         ax.plot(xs, means, marker="o", color=colour, label=f"{groups[variant][0].label} (n={len(per_run)})")
         if len(per_run) > 1:
-            ax.fill_between(xs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
-                            color=colour, alpha=0.2)  # fmt: skip
+            ax.fill_between(
+                xs,
+                [m - s for m, s in zip(means, stds)],
+                [m + s for m, s in zip(means, stds)],
+                color=colour,
+                alpha=0.2,
+            )
     ax.set_xlabel("training time (min, evaluation excluded)")
     ax.set_ylabel("held-out avg@k (%)")
-    ax.set_title("Held-out avg@k against training time\n(lines: mean over seeds on a common grid, "
-                 "band: ± std, x: each evaluation)", fontsize=11)  # fmt: skip
+    ax.set_title(
+        "Held-out avg@k against training time\n(lines: mean over seeds on a common grid, "
+        "band: ± std, x: each evaluation)",
+        fontsize=11,
+    )
     ax.grid(alpha=0.3)
     ax.legend(loc="best")
     fig.tight_layout()
@@ -398,15 +462,21 @@ def plot_learning(groups: dict[str, list], out: Path) -> Path | None:
 
 
 def _time_edges(groups: dict[str, list], bins: int) -> list[float]:
-    end = max((float(r.get("train_time_s", 0)) / 60 for rs in groups.values() for run in rs for r in run.metrics),
-              default=0.0)  # fmt: skip
+    end = max(
+        (float(r.get("train_time_s", 0)) / 60 for rs in groups.values() for run in rs for r in run.metrics),
+        default=0.0,
+    )
     end = end or 1.0
     return [end * i / bins for i in range(bins + 1)]
 
 
 def _points(runs, key: str) -> list[tuple[float, float]]:
-    return [(float(r["train_time_s"]) / 60, float(r[key])) for run in runs for r in run.metrics
-            if key in r and "train_time_s" in r and r[key] is not None]  # fmt: skip
+    return [
+        (float(r["train_time_s"]) / 60, float(r[key]))
+        for run in runs
+        for r in run.metrics
+        if key in r and "train_time_s" in r and r[key] is not None
+    ]
 
 
 def plot_diagnostics(groups: dict[str, list], out: Path, bins: int = 12) -> Path | None:
@@ -423,7 +493,7 @@ def plot_diagnostics(groups: dict[str, list], out: Path, bins: int = 12) -> Path
     plt = _setup_matplotlib()
     fig, axes = plt.subplots(2, ncols, figsize=(4.6 * ncols, 8.4), squeeze=False)
     for ax, (key, title) in zip(axes[0], SIGNALS):
-        for i, (variant, runs) in enumerate(groups.items()):
+        for i, runs in enumerate(groups.values()):
             points = _points(runs, key)
             if points:
                 ax.plot(mids, binned_means(points, edges), marker=".", color=f"C{i}", label=runs[0].label)
@@ -468,8 +538,22 @@ def _fmt(x: float, digits: int = 3) -> str:
 def write_diagnostics(groups: dict[str, list], out: Path) -> Path:
     from sgsd.fileio import atomic_write_text
 
-    header = ["Variant", "Seeds", "Steps/seed", "Skipped steps", "Reward first¼ → last¼", "helpful", "warning",
-              "misleading", "over-supp.", "neutral", "mean support", "mean abs Δ", "kept tokens", "truncated"]  # fmt: skip
+    header = [
+        "Variant",
+        "Seeds",
+        "Steps/seed",
+        "Skipped steps",
+        "Reward first¼ → last¼",
+        "helpful",
+        "warning",
+        "misleading",
+        "over-supp.",
+        "neutral",
+        "mean support",
+        "mean abs Δ",
+        "kept tokens",
+        "truncated",
+    ]
     lines = [
         "# Learning benchmark: training diagnostics",
         "",
@@ -489,11 +573,18 @@ def write_diagnostics(groups: dict[str, list], out: Path) -> Path:
         per_run = [early_late(run.metrics, "reward_mean") for run in runs if run.metrics]
         early = statistics.fmean(e for e, _ in per_run) if per_run else math.nan
         late = statistics.fmean(x for _, x in per_run) if per_run else math.nan
-        cells = [runs[0].label, str(len(runs)), ", ".join(map(str, steps)), str(skipped),
-                 f"{_fmt(early, 2)} → {_fmt(late, 2)}",
-                 *(_fmt(column_mean(rows, k)) for k in POLARITY_KEYS),
-                 _fmt(column_mean(rows, "mean_support")), _fmt(column_mean(rows, "mean_abs_delta")),
-                 _fmt(column_mean(rows, "kept_token_fraction")), _fmt(column_mean(rows, "truncated_fraction"))]  # fmt: skip
+        cells = [
+            runs[0].label,
+            str(len(runs)),
+            ", ".join(map(str, steps)),
+            str(skipped),
+            f"{_fmt(early, 2)} → {_fmt(late, 2)}",
+            *(_fmt(column_mean(rows, k)) for k in POLARITY_KEYS),
+            _fmt(column_mean(rows, "mean_support")),
+            _fmt(column_mean(rows, "mean_abs_delta")),
+            _fmt(column_mean(rows, "kept_token_fraction")),
+            _fmt(column_mean(rows, "truncated_fraction")),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     path = out / "diagnostics.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
@@ -506,8 +597,12 @@ def write_report(out: Path) -> list[Path]:
         print(f"no run folders under {out / 'runs'}: nothing to report", flush=True)
         return []
     out.mkdir(parents=True, exist_ok=True)
-    written = [write_table(groups, out), plot_learning(groups, out), plot_diagnostics(groups, out),
-               write_diagnostics(groups, out)]  # fmt: skip
+    written = [
+        write_table(groups, out),
+        plot_learning(groups, out),
+        plot_diagnostics(groups, out),
+        write_diagnostics(groups, out),
+    ]
     written = [p for p in written if p is not None]
     for p in written:
         print(f"wrote {p}", flush=True)
@@ -529,8 +624,13 @@ def parse_args(argv=None):
         "--max-steps", type=int, default=100_000, help="step cap (the budget normally stops first)"
     )
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="shared config of every variant")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="extra override for every run (repeatable), e.g. --set model.name=/path/tiny")  # fmt: skip
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="extra override for every run (repeatable), e.g. --set model.name=/path/tiny",
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--dry-run", action="store_true", help="print the commands; run and write nothing")
     parser.add_argument("--report-only", action="store_true", help="only write the tables and plots")
