@@ -316,11 +316,17 @@ def evaluate_sources(
     step: int | None = None,
     checkpoint: str | None = None,
     grade_fn: Callable | None = None,
+    batch_size: int = 32,
+    show_progress: bool = True,
+    extra: dict | None = None,
 ) -> dict:
     """Evaluate the generator's current weights on several sources (the trainer's in-loop evaluation):
     writes `out_dir/SOURCE.jsonl` per source and `out_dir/summary.json`
-    ({"step", "checkpoint", "results": {slug: metrics}}), and returns the summary."""
+    ({"step", "checkpoint", "results": {slug: metrics}}), and returns the summary. About `batch_size`
+    sequences (problems x k) are generated at once; a progress bar counts problems."""
     from functools import partial
+
+    from tqdm.auto import tqdm
 
     from sgsd.generation import SamplingParams
 
@@ -333,24 +339,31 @@ def evaluate_sources(
     )
     prompt_fn = skill_prompt_fn(retriever) if retriever is not None else None
     out_dir = Path(out_dir)
-    results = {
-        source_slug(name): evaluate_problems(
-            generator,
-            problems,
-            k,
-            params,
-            enable_thinking,
-            out_dir / f"{source_slug(name)}.jsonl",
-            prompt_fn=prompt_fn,
-            grade_fn=grade_fn,
-            seed=seed,
-        )  # fmt: skip
-        for name, problems in eval_sets.items()
-    }
+    results = {}
+    for name, problems in eval_sets.items():
+        with tqdm(total=len(problems), desc=f"eval {source_slug(name)}", disable=not show_progress) as bar:
+
+            def progress(done: int, total: int, bar=bar) -> None:
+                bar.update(done - bar.n)
+
+            results[source_slug(name)] = evaluate_problems(
+                generator,
+                problems,
+                k,
+                params,
+                enable_thinking,
+                out_dir / f"{source_slug(name)}.jsonl",
+                prompt_fn=prompt_fn,
+                grade_fn=grade_fn,
+                seed=seed,
+                chunk_size=max(1, batch_size // k),
+                progress=progress,
+            )
     summary = {
         "step": step,
         "checkpoint": checkpoint or ("base" if step == 0 else "live"),
         "results": results,
+        **(extra or {}),  # e.g. the trainer's train_time_s, for accuracy-against-time plots
     }
     atomic_write_json(out_dir / "summary.json", summary)
     return summary

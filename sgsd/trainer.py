@@ -754,6 +754,9 @@ class Trainer:
             verifier_timeout_s=self.cfg.verifier.timeout_s,
             verifier_workers=self.cfg.verifier.workers,
             step=step,
+            batch_size=e.batch_size,
+            show_progress=self.cfg.train.progress,
+            extra={"train_time_s": round(self.train_time_s, 3)},
         )
         self.model.train()
         line = ", ".join(f"{src}: avg@{e.k} {r['avg@k']:.3f}" for src, r in summary["results"].items())

@@ -21,6 +21,20 @@ FIXTURES = Path(__file__).parent / "fixtures"
 SMOLLM2_TOKENIZER = FIXTURES / "tokenizer-smollm2"
 QWEN25_CHAT_TEMPLATE = FIXTURES / "qwen2.5_chat_template.jinja"
 
+# A small Qwen3-style chat template: honours enable_thinking and, with thinking off, emits the empty
+# think block after the assistant header as Qwen3 does.
+QWEN3_STYLE_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif %}"
+    "{%- endif %}"
+)
+
 
 def build_tiny_model_dir(out: Path, seed: int = 0, arch: str = "llama") -> Path:
     """Write a tiny random causal LM (about 3.5M parameters) plus the SmolLM2 tokenizer to `out`."""

@@ -6,7 +6,7 @@ import json
 from types import SimpleNamespace
 
 import pytest
-from conftest import QWEN25_CHAT_TEMPLATE, SMOLLM2_TOKENIZER
+from conftest import QWEN3_STYLE_TEMPLATE, QWEN25_CHAT_TEMPLATE, SMOLLM2_TOKENIZER
 
 from sgsd import prompts
 from sgsd.prompts import (
@@ -47,17 +47,6 @@ MISTAKE_ITEM = "- **Don't**: Skipping the constraint model. **Instead**: Restate
 
 # A small Qwen3-style template: honours enable_thinking like Qwen3 (thinking off -> an empty think
 # block right after the assistant header).
-QWEN3_STYLE_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}"
-    "{{- '<|im_start|>assistant\\n' }}"
-    "{%- if enable_thinking is defined and enable_thinking is false %}"
-    "{{- '<think>\\n\\n</think>\\n\\n' }}"
-    "{%- endif %}"
-    "{%- endif %}"
-)
 
 
 @pytest.fixture

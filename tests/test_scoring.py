@@ -8,7 +8,7 @@ import random
 
 import pytest
 import torch
-from conftest import build_tiny_model_dir
+from conftest import QWEN3_STYLE_TEMPLATE, build_tiny_model_dir
 
 from sgsd import scoring
 from sgsd.errors import ConfigError, DataError
@@ -380,18 +380,6 @@ def test_mask_table_is_cached(smollm2_tokenizer):
 
 # ---------------------------------------------------------------------------------------------------
 # Thinking boundary.
-
-QWEN3_STYLE_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}"
-    "{{- '<|im_start|>assistant\\n' }}"
-    "{%- if enable_thinking is defined and enable_thinking is false %}"
-    "{{- '<think>\\n\\n</think>\\n\\n' }}"
-    "{%- endif %}"
-    "{%- endif %}"
-)
 
 
 @pytest.fixture
