@@ -481,7 +481,8 @@ def _points(runs, key: str) -> list[tuple[float, float]]:
 
 def plot_diagnostics(groups: dict[str, list], out: Path, bins: int = 12) -> Path | None:
     """Top row: reward, support, |Delta|, kept tokens against training minutes (mean over seeds and the
-    steps in each time bin), one line per variant. Bottom row: the stacked polarity mix per variant."""
+    steps in each time bin), one line per variant. Bottom row: the polarity mix per variant, one stacked
+    bar per time bin (an empty bin stays empty)."""
     from sgsd.report import POLARITY, _setup_matplotlib
 
     if not any(run.metrics for runs in groups.values() for run in runs):
@@ -503,16 +504,12 @@ def plot_diagnostics(groups: dict[str, list], out: Path, bins: int = 12) -> Path
     axes[0][0].legend(loc="best", fontsize=8)
     for ax, variant in zip(axes[1], polar):
         layers = [binned_means(_points(groups[variant], key), edges) for key, _, _ in POLARITY]
-        kept = [
-            j for j in range(len(mids)) if not all(math.isnan(layer[j]) for layer in layers)
-        ]  # non-empty bins
-        layers = [[0.0 if math.isnan(layer[j]) else layer[j] for j in kept] for layer in layers]
-        ax.stackplot(
-            [mids[j] for j in kept],
-            *layers,
-            labels=[n for _, n, _ in POLARITY],
-            colors=[c for _, _, c in POLARITY],
-        )
+        width = edges[1] - edges[0]
+        bottom = [0.0] * len(mids)
+        for layer, (_, name, colour) in zip(layers, POLARITY):  # stacked bars, one per time bin
+            heights = [0.0 if math.isnan(v) else v for v in layer]
+            ax.bar(mids, heights, width=width, bottom=bottom, color=colour, label=name, linewidth=0)
+            bottom = [b + h for b, h in zip(bottom, heights)]
         ax.set_title(f"polarity mix: {groups[variant][0].label}")
         ax.set_xlabel("training time (min)")
         ax.set_ylim(0, 1)
