@@ -141,7 +141,7 @@ def _loss(student_logp, teacher_logp, mask, reward, retrieval):
 
     from sgsd.objectives import sgsd_loss
 
-    teacher_mask = torch.ones(retrieval.shape, dtype=torch.bool)
+    teacher_mask = torch.ones(retrieval.shape, dtype=torch.bool, device=retrieval.device)
     loss, _ = sgsd_loss(student_logp, teacher_logp, mask, reward, retrieval, teacher_mask)
     return loss
 
@@ -150,14 +150,16 @@ def _reference_logp(model, rows, completions, grad: bool):
     """Whole-sequence logits, model-dtype log_softmax over V, entropy for logging, gather. [R, T]"""
     import torch
 
-    ids = torch.tensor([r + c for r, c in zip(rows, completions, strict=True)])  # [R, P + T]
+    device = next(model.parameters()).device
+    ids = torch.tensor([r + c for r, c in zip(rows, completions, strict=True)], device=device)  # [R, P + T]
     p, t = len(rows[0]), len(completions[0])
     with torch.set_grad_enabled(grad):
         logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits  # [R, P + T, V]
         logp_all = torch.log_softmax(logits[:, p - 1 : p - 1 + t], dim=-1)  # [R, T, V] model dtype
         with torch.no_grad():
             _entropy = -(logp_all.exp() * logp_all).sum(-1)  # [R, T] (logged by the reference)
-        return logp_all.gather(-1, torch.tensor(completions)[..., None]).squeeze(-1)  # [R, T]
+        targets = torch.tensor(completions, device=device)[..., None]  # [R, T, 1]
+        return logp_all.gather(-1, targets).squeeze(-1)  # [R, T]
 
 
 def reference_step(model, inputs, pad_id: int):
