@@ -138,6 +138,10 @@ class Trainer:
         from sgsd.models import TeacherPolicy, apply_lora, load_policy
 
         m = self.cfg.model
+        if self.cfg.rollout.backend != "hf":
+            # VLLMGenerator exists (sgsd.generation) but syncing LoRA weights into a colocated engine every
+            # step has not been run on a GPU yet, so the trainer refuses rather than pretend.
+            raise UserError("rollout.backend=vllm is not wired into the trainer yet; use rollout.backend=hf")
         model, self.tokenizer = load_policy(
             m.name, dtype=m.dtype, cache_dir=m.cache_dir, attn_implementation=m.attn_implementation
         )
@@ -152,9 +156,8 @@ class Trainer:
         self.model = model.to(self.acc.device)
         self.pad_id = self.tokenizer.pad_token_id
         t = self.cfg.teachers
-        mode = t.mode
         self.teacher = TeacherPolicy(
-            self.model, mode=mode, ema_decay=t.ema_decay, periodic_every=t.periodic_every
+            self.model, mode=t.mode, ema_decay=t.ema_decay, periodic_every=t.periodic_every
         )
         self.generator = HFGenerator(self.model, self.tokenizer, batch_size=self.cfg.rollout.batch_size)
 
