@@ -238,12 +238,21 @@ class Trainer:
             started = time.time()
             problems = self._sample_problems(self.step)
             rollouts = self._rollouts(problems, self.step)
+            t_rollout = time.time()
             self._verify(rollouts)
+            t_verify = time.time()
             metrics = self._optimize(rollouts)
+            t_optimize = time.time()
             self.step += 1
             self.teacher.after_step(self.step)
             metrics.update(self._maybe_evolve_bank(rollouts))
             step_time = time.time() - started
+            metrics.update(  # where the step's time went
+                rollout_s=round(t_rollout - started, 3),
+                verify_s=round(t_verify - t_rollout, 3),
+                score_and_backward_s=round(t_optimize - t_verify, 3),
+                bank_s=round(time.time() - t_optimize, 3),
+            )
             self.train_time_s += step_time
             metrics.update(
                 step=self.step,
