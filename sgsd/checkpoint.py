@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from sgsd.errors import UserError
+from sgsd.faults import maybe_fault
 from sgsd.fileio import atomic_write_json, atomic_write_text
 
 STEP_PREFIX = "step-"
@@ -70,12 +71,12 @@ def save(
 
     final = checkpoint_dir(run_dir, step)
     final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(run_dir)
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
     tmp.mkdir()
     try:
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        maybe_fault("checkpoint", step)  # test-only kill point (sgsd/faults.py)
         if hasattr(model, "peft_config"):
             model.save_pretrained(str(tmp / "adapter"), selected_adapters=["default"])
         torch.save(
@@ -111,6 +112,16 @@ def save(
         raise
     atomic_write_text(final.parent / "latest", final.name + "\n")
     return final
+
+
+def remove_stale_temporaries(run_dir) -> None:
+    """Delete the hidden `.tmp-*` / `.old-*` folders that a killed save leaves behind (each can hold a
+    full copy of the weights). Only the main process saves, so no other save is in flight."""
+    root = Path(run_dir) / "checkpoints"
+    if root.is_dir():
+        for d in root.iterdir():
+            if d.is_dir() and d.name.startswith((".tmp-", ".old-")):
+                shutil.rmtree(d, ignore_errors=True)
 
 
 def complete_checkpoints(run_dir) -> list[Path]:
