@@ -110,8 +110,8 @@ class Trainer:
         _seed_everything(cfg.train.seed)
 
         self._build_data()
+        self._build_skills()  # before the policy: a bad bank file fails fast, before a model load
         self._build_policy()
-        self._build_skills()
         self._build_optimizer()
         self.step = 0
         self.train_time_s = 0.0  # seconds spent in training steps (the budget clock)
