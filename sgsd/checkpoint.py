@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 import time
@@ -26,6 +27,7 @@ from pathlib import Path
 import torch
 
 from sgsd.errors import UserError
+from sgsd.faults import maybe_fault
 from sgsd.fileio import atomic_write_json, atomic_write_text
 
 STEP_PREFIX = "step-"
@@ -40,7 +42,15 @@ def _rng_state() -> dict:
     try:
         import numpy as np
 
-        state["numpy"] = np.random.get_state()
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        # plain types and a tensor, so trainer_state.pt loads with torch.load(weights_only=True)
+        state["numpy"] = (
+            kind,
+            torch.from_numpy(keys.astype(np.int64)),
+            int(pos),
+            int(has_gauss),
+            float(gauss),
+        )
     except ImportError:  # pragma: no cover
         pass
     if torch.cuda.is_available():
@@ -54,7 +64,8 @@ def _set_rng_state(state: dict) -> None:
     if "numpy" in state:
         import numpy as np
 
-        np.random.set_state(state["numpy"])
+        kind, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -70,12 +81,12 @@ def save(
 
     final = checkpoint_dir(run_dir, step)
     final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(run_dir)
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
     tmp.mkdir()
     try:
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        maybe_fault("checkpoint", step)  # test-only kill point (sgsd/faults.py)
         if hasattr(model, "peft_config"):
             model.save_pretrained(str(tmp / "adapter"), selected_adapters=["default"])
         torch.save(
@@ -113,6 +124,16 @@ def save(
     return final
 
 
+def remove_stale_temporaries(run_dir) -> None:
+    """Delete the hidden `.tmp-*` / `.old-*` folders that a killed save leaves behind (each can hold a
+    full copy of the weights). Only the main process saves, so no other save is in flight."""
+    root = Path(run_dir) / "checkpoints"
+    if root.is_dir():
+        for d in root.iterdir():
+            if d.is_dir() and d.name.startswith((".tmp-", ".old-")):
+                shutil.rmtree(d, ignore_errors=True)
+
+
 def complete_checkpoints(run_dir) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
@@ -146,7 +167,13 @@ def load_latest(run_dir, *, model, optimizer, scheduler, teacher=None, evolver=N
     with torch.no_grad():
         for name, value in tensors.items():
             params[name].copy_(value.to(params[name].device, params[name].dtype))
-    blob = torch.load(d / "trainer_state.pt", map_location="cpu", weights_only=False)
+    try:  # weights_only: a checkpoint from elsewhere cannot run code when it is unpickled
+        blob = torch.load(d / "trainer_state.pt", map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UserError(
+            f"{d / 'trainer_state.pt'} holds objects other than tensors and plain values; "
+            "refusing to unpickle it (written by an older sgsd, or not by sgsd)"
+        ) from exc
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     if teacher is not None and blob.get("teacher") is not None:

@@ -61,11 +61,15 @@ def atomic_write_jsonl(path: str | os.PathLike, rows: Iterable[Any]) -> Path:
 def append_jsonl(path: str | os.PathLike, row: Any) -> None:
     """Append one JSON line and fsync (append-only logs: a torn last line is skipped by `read_jsonl`)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    line = json.dumps(row, ensure_ascii=False) + "\n"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(line)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:  # a full disk: earlier lines are intact, a torn last one is skipped on read
+        raise UserError(f"cannot append to {path}: {exc.strerror or exc}") from exc
 
 
 def read_jsonl(path: str | os.PathLike, skip_torn_tail: bool = True) -> list[Any]:

@@ -39,6 +39,7 @@ import torch
 from sgsd import checkpoint as ckpt
 from sgsd.config import Config, config_to_dict, dump_config
 from sgsd.errors import UserError
+from sgsd.faults import maybe_fault
 from sgsd.fileio import append_jsonl, atomic_write_text
 from sgsd.objectives import POLARITY_FRACTIONS
 
@@ -102,8 +103,8 @@ class Trainer:
         _seed_everything(cfg.train.seed)
 
         self._build_data()
+        self._build_skills()  # before the policy: a bad bank file fails fast, before a model load
         self._build_policy()
-        self._build_skills()
         self._build_optimizer()
         self.step = 0
         self.train_time_s = 0.0  # seconds spent in training steps (the budget clock)
@@ -260,6 +261,7 @@ class Trainer:
                 train_time_s=round(self.train_time_s, 3),
                 lr=self.scheduler.get_last_lr()[0],
             )
+            maybe_fault("after_step", self.step)  # test-only kill point (sgsd/faults.py)
             self._log(metrics, writer)
             bar.update(1)
             bar.set_postfix(self._postfix(metrics))
@@ -650,6 +652,7 @@ class Trainer:
             bank, report = self.evolver.maybe_update(
                 self.step, self.bank, self._extraction_generator(), ledger=self.ledger
             )
+            maybe_fault("bank_update", self.step)  # test-only kill point (sgsd/faults.py)
             if report.get("updated"):
                 bank.save_snapshot(self.run_dir / "bank", self.step)
             payload = [(bank, report)]

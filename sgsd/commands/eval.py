@@ -16,7 +16,9 @@ HELP = "evaluate a model, an adapter or a run's checkpoints (avg@k, pass@k, maj@
 
 
 def add_arguments(parser):
-    parser.add_argument("--config", "-c", help="YAML config file (default with --run: RUN/config.yaml)")
+    parser.add_argument(
+        "--config", "-c", help="YAML file or packaged config name (default with --run: RUN/config.yaml)"
+    )
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.max_new_tokens=512")
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--adapter", help="a saved LoRA adapter folder to evaluate on top of model.name")
@@ -52,7 +54,9 @@ def run(args) -> int:
     run_dir = Path(args.run) if args.run else None
     if run_dir is not None and not run_dir.is_dir():
         raise UserError(f"run folder not found: {run_dir}")
-    config_path = args.config or (
+    from sgsd.configs import resolve_config_path
+
+    config_path = resolve_config_path(args.config) or (  # a file or a packaged name, as for train
         run_dir / "config.yaml" if run_dir and (run_dir / "config.yaml").is_file() else None
     )
     overrides = list(args.overrides) + (["eval.with_skills=true"] if args.with_skills else [])

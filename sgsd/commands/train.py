@@ -36,6 +36,11 @@ def run(args) -> int:
     from sgsd.trainer import Trainer, default_run_dir
 
     run_dir = default_run_dir(cfg)
+    if args.resume:  # checked before the model is loaded, which can take minutes
+        from sgsd.checkpoint import complete_checkpoints
+
+        if not complete_checkpoints(run_dir):
+            raise UserError(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}")
     print(f"run folder: {run_dir}")
     trainer = Trainer(cfg, run_dir, resume=args.resume)
     trainer.train()

@@ -31,11 +31,16 @@ MISSING_KEY = "missing_key"
 NOT_A_LIST = "not_a_list"
 NO_VALID_ITEMS = "no_valid_items"
 
-_THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL)
 _TRAILING_COMMA = re.compile(r",\s*([}\]])")
 # a JSON escape or LaTeX command after a backslash: \\ , \uXXXX, a run of letters, or one character
 _BACKSLASH = re.compile(r"\\(\\|u[0-9a-fA-F]{4}|[A-Za-z]+|.)", re.DOTALL)
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+# where a JSON object or list can start: `{` before a key or `}`, `[` before a value or `]` (LaTeX
+# braces such as `\\frac{1}` are skipped without a decode attempt)
+_OPENERS = re.compile(r'\{(?=\s*["}])|\[(?=\s*[-\d"\[\]{tfn])')  # lookaheads: nested openers match too
+# decode attempts per scan: each failed attempt costs O(position) inside json's error message, so a
+# hostile output full of openers would otherwise take quadratic time
+MAX_DECODE_ATTEMPTS = 1000
 
 
 @dataclass
@@ -91,13 +96,27 @@ class ParseStats:
 
 def strip_reasoning(text: str) -> tuple[str, bool]:
     """Remove thinking; returns (visible text, whether an unfinished `<think>` was cut off)."""
-    text = _THINK_BLOCK.sub("", text)
+    text = _remove_think_blocks(text)
     if "</think>" in text:
         text = text.rsplit("</think>", 1)[1]
     unfinished = "<think>" in text
     if unfinished:
         text = text.split("<think>", 1)[0]
     return text, unfinished
+
+
+def _remove_think_blocks(text: str) -> str:
+    """Drop each `<think>` ... nearest `</think>` block, in one linear pass (a non-greedy regex
+    rescans to the end for every unclosed `<think>`: quadratic on hostile output)."""
+    kept, pos = [], 0
+    while (start := text.find("<think>", pos)) >= 0:
+        end = text.find("</think>", start + len("<think>"))
+        if end < 0:
+            break
+        kept.append(text[pos:start])
+        pos = end + len("</think>")
+    kept.append(text[pos:])
+    return "".join(kept)
 
 
 def _repair(text: str) -> str:
@@ -143,16 +162,17 @@ def _scan(text: str, key: str):
     """Return (object with key | None, first list of objects | None, any JSON decoded)."""
     decoder = json.JSONDecoder()
     first_list, decoded_any = None, False
-    i = 0
-    while True:
-        starts = [p for p in (text.find("{", i), text.find("[", i)) if p >= 0]
-        if not starts:
-            return None, first_list, decoded_any
-        i = min(starts)
+    end = attempts = 0
+    for opener in _OPENERS.finditer(text):  # one pass over the openers (no re-scan per candidate)
+        i = opener.start()
+        if i < end:
+            continue
+        attempts += 1
+        if attempts > MAX_DECODE_ATTEMPTS:
+            break
         try:
             value, end = decoder.raw_decode(text, i)
-        except json.JSONDecodeError:
-            i += 1
+        except (json.JSONDecodeError, RecursionError):  # RecursionError: absurdly deep nesting
             continue
         decoded_any = True
         found = _find_keyed(value, key)
@@ -165,7 +185,7 @@ def _scan(text: str, key: str):
             and all(isinstance(v, dict) for v in value)
         ):
             first_list = value
-        i = end
+    return None, first_list, decoded_any
 
 
 def _locate(text: str, key: str):
@@ -188,7 +208,10 @@ def parse_items(
     visible, unfinished = strip_reasoning(text)
     if not visible.strip():
         return ParseResult([], UNFINISHED_THINKING if unfinished else EMPTY_OUTPUT)
-    found, bare_list, decoded = _locate(visible, key)
+    try:
+        found, bare_list, decoded = _locate(visible, key)
+    except RecursionError:  # JSON nested deeper than Python can walk: not an answer
+        return ParseResult([], NO_JSON)
     if found is not None:
         raw = found[key]
     elif bare_list is not None:
