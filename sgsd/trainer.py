@@ -195,6 +195,7 @@ class Trainer:
                 prune_by_evidence=s.prune_by_evidence,
                 max_new_tokens=s.extractor_max_new_tokens,
                 enable_thinking=s.extractor_enable_thinking,
+                group_embedder=self.embedder if s.merge_group_by_similarity else None,
             )
 
     def _build_optimizer(self) -> None:
