@@ -43,8 +43,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from sgsd.config import ALL_PROJECTIONS  # noqa: E402  (after the path set-up)
+
 GIB = 1024**3
-PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MODEL_SIZES = {
     "qwen3-1.7b": dict(
         hidden_size=2048,
@@ -98,7 +99,7 @@ def build_model(size: str, dtype, device, lora_rank: int, lora_alpha: int, check
         model,
         rank=lora_rank,
         alpha=lora_alpha,
-        target_modules=PROJECTIONS,
+        target_modules=ALL_PROJECTIONS,
         gradient_checkpointing=checkpointing,
     )
     for name, param in model.named_parameters():
@@ -209,7 +210,7 @@ def run(cli) -> dict:
         "model": size,
         "model_config": MODEL_SIZES[size],
         "dtype": str(dtype).removeprefix("torch."),
-        "lora": {"rank": cli.lora_rank, "alpha": cli.lora_alpha, "targets": PROJECTIONS},
+        "lora": {"rank": cli.lora_rank, "alpha": cli.lora_alpha, "targets": ALL_PROJECTIONS},
         "gradient_checkpointing": not cli.no_gradient_checkpointing,
         "shape": shape,
         "chunk_rows": cli.chunk_rows,
