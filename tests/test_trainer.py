@@ -128,3 +128,25 @@ def test_non_finite_loss_skips_the_step(tmp_path, tiny_model_dir, monkeypatch):
         assert all(torch.isfinite(v).all() for v in tensors.values())
     first = load_file(str(run / "checkpoints" / "step-000001" / "trainable.safetensors"))
     assert all(v.abs().max() == 0 for k, v in first.items() if "lora_B" in k)  # nothing was applied
+
+
+def test_a_second_run_in_the_same_folder_needs_resume_or_overwrite(
+    tmp_path, tiny_model_dir, monkeypatch, capsys
+):
+    _alternating_grades(monkeypatch)
+    run = _train(tmp_path, tiny_model_dir, "train.steps=1", "data.eval_sources=[]")
+    args = [
+        "train",
+        "-c",
+        "tiny",
+        "-o",
+        str(run),
+        f"model.name={tiny_model_dir}",
+        "train.steps=1",
+        "data.eval_sources=[]",
+    ]
+    assert main(args) == 2
+    assert "already holds a run; pass --resume" in capsys.readouterr().err
+    assert len(read_jsonl(run / "metrics.jsonl")) == 1  # nothing was touched
+    assert main([*args, "--overwrite"]) == 0
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [1]  # a fresh run, not appended

@@ -18,6 +18,11 @@ def add_arguments(parser):
         "--resume", action="store_true", help="continue the run in --output-dir from its latest checkpoint"
     )
     parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in a run folder that already holds a run (deletes it)",
+    )
+    parser.add_argument(
         "overrides", nargs="*", help="dotted overrides, e.g. objective.tau=0.5 train.steps=50"
     )
 
@@ -41,7 +46,32 @@ def run(args) -> int:
 
         if not complete_checkpoints(run_dir):
             raise UserError(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}")
+    elif _holds_a_run(run_dir):
+        if not args.overwrite:
+            raise UserError(
+                f"{run_dir} already holds a run; pass --resume to continue it or --overwrite to start over"
+            )
+        _clear_run(run_dir)
     print(f"run folder: {run_dir}")
     trainer = Trainer(cfg, run_dir, resume=args.resume)
     trainer.train()
     return 0
+
+
+RUN_CONTENTS = ("metrics.jsonl", "checkpoints", "eval", "tensorboard", "bank", "config.yaml")
+
+
+def _holds_a_run(run_dir) -> bool:
+    return (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists()
+
+
+def _clear_run(run_dir) -> None:
+    """Remove what a previous run wrote (only the trainer's own files and folders)."""
+    import shutil
+
+    for name in RUN_CONTENTS:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
