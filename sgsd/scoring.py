@@ -148,6 +148,12 @@ def _completion_hidden(parts: _CausalLMParts, packed: _Packed) -> torch.Tensor:
     return hidden[packed.valid]  # [N, H] (a contiguous copy)
 
 
+def _no_positions(rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token values and validity for a batch whose completions are all empty: `[B, 0]` each."""
+    empty = torch.zeros((rows, 0), device=device)
+    return empty, empty.bool()
+
+
 def _chunks(total: int, size: int):
     for start in range(0, total, size):
         yield start, min(start + size, total)
@@ -203,8 +209,7 @@ def score_student(
     parts = _causal_lm_parts(model)
     rows, width_t = len(completion_ids), max((len(c) for c in completion_ids), default=0)
     if width_t == 0:
-        empty = torch.zeros((rows, 0), device=device)
-        return empty, empty.bool()
+        return _no_positions(rows, device)
     packed = _pack(prompt_ids, completion_ids, pad_id, device)
     hidden = _completion_hidden(parts, packed)  # [N, H]
     flat = _chunked_token_logp(parts, hidden, packed.targets[packed.valid], chunk_size * rows)  # [N]
@@ -420,8 +425,7 @@ def score_divergence(
     parts = _causal_lm_parts(model)
     rows, width_t = len(completion_ids), max((len(c) for c in completion_ids), default=0)
     if width_t == 0:
-        empty = torch.zeros((rows, 0), device=device)
-        return empty, empty.bool()
+        return _no_positions(rows, device)
 
     with torch.no_grad(), teacher_context() if teacher_context else contextlib.nullcontext():
         teacher_grid = None  # [B, T, H], filled per row chunk

@@ -287,12 +287,14 @@ class Trainer:
         a resumed run sees exactly the problems an uninterrupted one would."""
         b, n = self.cfg.train.batch_size, len(self.train_problems)
         start = step * b
+        orders: dict[int, list[int]] = {}  # one seeded permutation per epoch this step touches
         picked = []
         for i in range(start, start + b):
             epoch, pos = divmod(i, n)
-            order = list(range(n))
-            random.Random(self.cfg.train.seed * 1_000_003 + epoch).shuffle(order)
-            picked.append(self.train_problems[order[pos]])
+            if epoch not in orders:
+                orders[epoch] = list(range(n))
+                random.Random(self.cfg.train.seed * 1_000_003 + epoch).shuffle(orders[epoch])
+            picked.append(self.train_problems[orders[epoch][pos]])
         return picked[self.acc.process_index :: self.acc.num_processes]
 
     # ------------------------------------------------------------------ 2. rollouts
