@@ -113,6 +113,21 @@ def train_command(
     return cmd + list(extra)
 
 
+def base_eval_path(run_dir: Path) -> Path:
+    return run_dir / "eval" / "step-000000" / "summary.json"
+
+
+def shared_base_eval(out: Path, seed: int, exclude: str) -> Path | None:
+    """The step-0 evaluation of another variant with this seed, if one exists. Step 0 is the same for
+    every variant of a seed (same model with a zero LoRA update, same held-out problems, same eval
+    seed `train.seed + 17`), so only the first run of a seed evaluates it; the others reuse it."""
+    for variant in VARIANTS:
+        path = base_eval_path(run_dir_of(out, variant, seed))
+        if variant != exclude and path.is_file():
+            return path
+    return None
+
+
 def has_checkpoint(run_dir: Path) -> bool:
     from sgsd.checkpoint import complete_checkpoints
 
@@ -144,6 +159,7 @@ def run_one(cli, variant: str, seed: int) -> str:
         print(f"[skip] {variant} seed {seed}: finished ({run_dir / 'done.json'})", flush=True)
         return "skipped"
     resume = run_dir.is_dir() and has_checkpoint(run_dir)
+    shared_base = shared_base_eval(cli.out, seed, exclude=variant)
     cmd = train_command(
         cli.config,
         run_dir,
@@ -152,7 +168,7 @@ def run_one(cli, variant: str, seed: int) -> str:
         cli.budget_min * 60,
         cli.eval_every_min * 60,
         cli.max_steps,
-        cli.set,
+        [*cli.set, *(["train.eval_at_start=false"] if shared_base else [])],
         resume,
     )
     if cli.dry_run:
@@ -317,7 +333,17 @@ def load_groups(out: Path) -> dict[str, list]:
                 runs.append(run)
         if runs:
             groups[vdir.name] = runs
+    share_base_evals(groups)
     return groups
+
+
+def share_base_evals(groups: dict[str, list]) -> None:
+    """Give every run without a step-0 evaluation the one of its seed (see `shared_base_eval`)."""
+    base_by_seed = {r.seed: r.evals[0] for runs in groups.values() for r in runs if 0 in r.evals}
+    for runs in groups.values():
+        for run in runs:
+            if 0 not in run.evals and run.seed in base_by_seed:
+                run.evals[0] = base_by_seed[run.seed]
 
 
 def _run_setting(run, section: str, key: str):

@@ -223,6 +223,8 @@ class TrainConfig:
     time_budget_s: float = 0.0
     # also evaluate every this many seconds of training (0 = off); for equal-wall-clock comparisons
     eval_every_s: float = 0.0
+    # evaluate before the first step (off when an identical step-0 evaluation exists elsewhere)
+    eval_at_start: bool = True
     # write TensorBoard event files beside metrics.jsonl
     tensorboard: bool = True
     # show a progress bar

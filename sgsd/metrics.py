@@ -2,6 +2,22 @@
 
 from __future__ import annotations
 
+# Bin edges of the logged histogram of per-token gaps Delta_t = log p_T(y_t) - log p_S(y_t) (nats).
+# Bin i holds edges[i-1] <= Delta < edges[i]; bin 0 is everything below edges[0] and the last bin
+# everything at or above edges[-1], so there are len(DELTA_EDGES) + 1 counts.
+DELTA_EDGES = (-4.0, -2.0, -1.0, -0.5, -0.25, -0.1, -0.03, 0.0, 0.03, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
+
+
+def delta_histogram(delta, keep) -> list[int]:
+    """Counts of the kept entries of `delta` (any shape; `keep` a bool tensor of the same shape) in the
+    bins of `DELTA_EDGES`."""
+    import torch
+
+    values = delta[keep].detach().float().cpu()
+    edges = torch.tensor(DELTA_EDGES, dtype=torch.float32)
+    bins = torch.bucketize(values, edges, right=True)  # [N] in 0..len(edges)
+    return torch.bincount(bins, minlength=len(DELTA_EDGES) + 1).tolist()
+
 
 class MetricMeter:
     """Weighted running means of scalar metrics (weights = micro-batch sizes)."""

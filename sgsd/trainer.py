@@ -109,6 +109,7 @@ class Trainer:
         self.step = 0
         self.train_time_s = 0.0  # seconds spent in training steps (the budget clock)
         self.last_eval_time_s = 0.0
+        self.last_eval_step = -1
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "config.yaml", dump_config(cfg))
@@ -223,7 +224,7 @@ class Trainer:
 
         t = self.cfg.train
         last: dict = {}
-        if self.step == 0 and self._wants_eval():
+        if self.step == 0 and self._wants_eval() and t.eval_at_start:
             self.evaluate(step=0)
         bar = tqdm(
             total=t.steps, initial=self.step, desc=self.method, disable=not (t.progress and self.is_main)
@@ -276,7 +277,7 @@ class Trainer:
         bar.close()
         if writer is not None:
             writer.close()
-        if self._wants_eval():
+        if self._wants_eval() and self.last_eval_step != self.step:  # not twice at a budget's end
             self.evaluate(step=self.step)
         return last
 
@@ -369,6 +370,7 @@ class Trainer:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         meter = MetricMeter()
+        self._step_evidence: dict = {}  # per-decision support and Delta histogram (SGSD-style methods)
         units = self._normalizer(rollouts)
         mb = self.cfg.train.micro_batch_size * (
             self.cfg.rollout.num_generations if self.method.startswith("grpo") else 1
@@ -405,6 +407,7 @@ class Trainer:
             completion_tokens=sum(len(r.completion_ids) for r in rollouts) / max(1, len(rollouts)),
             truncated_fraction=sum(r.finish_reason == "length" for r in rollouts) / max(1, len(rollouts)),
         )
+        stats.update(self._step_evidence)
         return stats
 
     def _normalizer(self, rollouts: list[Rollout]) -> float:
@@ -526,6 +529,7 @@ class Trainer:
         ):  # same polarity and weights, sampled-token reverse-KL gradient per teacher
             loss = _polarity_weighted_sampled_rkl(student_logp, teacher_logp, mask, metrics, o.eps)
         self._record_ledger(chunk, metrics)
+        self._record_decisions(chunk, student_logp, teacher_logp, mask, teacher_mask, metrics)
         # sgsd_loss averages over the micro-batch's problems; rescale to the batch objective
         return loss * (len(chunk) / units), _scalars(metrics)
 
@@ -611,6 +615,26 @@ class Trainer:
             k = len(r.pairs[: self.cfg.teachers.count])
             if k:
                 self.ledger.record(r.pairs[:k], support[b, :k].tolist(), rho[b, :k].tolist(), r.reward)
+
+    def _record_decisions(self, chunk, student_logp, teacher_logp, mask, teacher_mask, metrics) -> None:
+        """Keep this step's raw evidence for diagnosis: one [robust support, rho, reward] per valid
+        (rollout, teacher) and a histogram of the per-token gaps Delta_t over kept tokens of valid
+        teachers (bins `sgsd.metrics.DELTA_EDGES`). Logged with the step as `decisions`, `delta_hist`."""
+        from sgsd.metrics import delta_histogram
+
+        student = student_logp if student_logp.dim() == 3 else student_logp.unsqueeze(1)  # [B, K|1, T]
+        delta = teacher_logp.detach() - student.detach()  # [B, K, T]
+        keep = mask.unsqueeze(1) & teacher_mask.unsqueeze(-1)  # [B, K, T]
+        counts = delta_histogram(delta, keep)
+        seen = self._step_evidence.setdefault("delta_hist", [0] * len(counts))
+        self._step_evidence["delta_hist"] = [a + b for a, b in zip(seen, counts)]
+        support, rho = metrics["support"].cpu(), metrics["rho"].cpu()  # [B, K]
+        valid = teacher_mask.cpu()
+        rows = self._step_evidence.setdefault("decisions", [])
+        for b, r in enumerate(chunk):
+            for k in range(valid.shape[1]):
+                if valid[b, k]:
+                    rows.append([round(float(support[b, k]), 5), round(float(rho[b, k]), 4), r.reward])
 
     def _sync_and_clip(self) -> float:
         """Average gradients of the trainable parameters across ranks, then clip by global norm."""
@@ -744,6 +768,7 @@ class Trainer:
     def evaluate(self, step: int) -> dict:
         """Held-out avg@k with the current weights; written to RUN/eval/step-XXXXXX/ (main process)."""
         self.last_eval_time_s = self.train_time_s
+        self.last_eval_step = step
         if not self.is_main:
             self.acc.wait_for_everyone()
             return {}

@@ -154,9 +154,16 @@ def test_two_methods_one_seed_then_skip_and_resume(tmp_path, tiny_model_dir):
         run = out / "runs" / variant / "seed-0"
         done = json.loads((run / "done.json").read_text())
         assert done["steps"] >= 1 and done["variant"] == variant
-        assert (run / "eval" / "step-000000" / "summary.json").is_file()
+    # only the seed's first run evaluates step 0; the second reuses it (same model, problems and seed)
+    assert (out / "runs" / "sgsd" / "seed-0" / "eval" / "step-000000" / "summary.json").is_file()
+    assert not (out / "runs" / "grpo" / "seed-0" / "eval" / "step-000000").exists()
+    assert "train.eval_at_start=false" in json.loads((out / "runs" / "grpo" / "seed-0" / "done.json").read_text())[
+        "command"
+    ]
     table = (out / "table.md").read_text()
     assert "| SGSD |" in table and "| GRPO |" in table
+    grpo_row = next(line for line in table.splitlines() if line.startswith("| GRPO |"))
+    assert grpo_row.split("|")[2].strip() not in ("", "–")  # base avg@k filled from the shared step 0
     for name in ("learning.png", "diagnostics.png"):
         assert (out / name).stat().st_size > 10_000
     diagnostics = (out / "diagnostics.md").read_text()
