@@ -445,3 +445,57 @@ def test_teacher_scores_student_completion_at_the_same_relative_position(qwen3_s
         student, _ = scoring.score_student(llama, [student_prompt], [completion], pad_id=tok.pad_token_id)
     teacher, _ = scoring.score_teachers(llama, [[teacher_prompt]], [completion], pad_id=tok.pad_token_id)
     torch.testing.assert_close(teacher[:, 0], student, atol=TOL, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# GPU (skipped without CUDA).
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scoring_on_cuda_matches_a_plain_reference(tiny_model_dir, dtype):
+    """On a CUDA device, with the model in fp32 or bf16: student and teacher log-probs come back in fp32
+    on the model's device and equal a per-row full log-softmax (in fp32, of the same model's logits),
+    and the student gradient matches; mixed prompt lengths exercise the padding on the device."""
+    from peft import LoraConfig, get_peft_model
+
+    device = torch.device("cuda")
+    torch.manual_seed(3)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = get_peft_model(
+        _load(tiny_model_dir).to(device=device, dtype=dtype),
+        LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False),
+    )
+    rng, prompts, completions = _problems(seed=5)
+    teacher_prompts = [[_ids(rng, rng.randint(1, 30)) for _ in range(3)] for _ in prompts]
+
+    def ref(prompt, completion):  # [T] fp32, one row alone
+        ids = torch.tensor([prompt + completion], device=device)
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)  # [P + T, V]
+        rows = logp[len(prompt) - 1 : len(prompt) - 1 + len(completion)]
+        return rows.gather(1, torch.tensor(completion, device=device)[:, None]).squeeze(1)
+
+    # bf16 logits: padding and batching change the bf16 rounding of the hidden states a little
+    tol = 1e-4 if dtype == torch.float32 else 0.1
+    model.zero_grad()
+    logp, _ = scoring.score_student(model, prompts, completions, pad_id=2, chunk_size=4)  # [B, T]
+    assert logp.device.type == "cuda" and logp.dtype == torch.float32
+    logp.sum().backward()
+    ours = _grads(model)
+    model.zero_grad()
+    sum(ref(p, c).sum() for p, c in zip(prompts, completions, strict=True)).backward()
+    theirs = _grads(model)
+    for b, c in enumerate(completions):
+        torch.testing.assert_close(logp[b, : len(c)].detach(), ref(prompts[b], c).detach(), atol=tol, rtol=0)
+    if dtype == torch.float32:
+        assert_same_grads(ours, theirs)
+    model.zero_grad()
+
+    teacher_logp, mask = scoring.score_teachers(
+        model, teacher_prompts, completions, pad_id=2, chunk_rows=2, chunk_size=5
+    )  # [B, K, T]
+    assert teacher_logp.device.type == "cuda" and teacher_logp.dtype == torch.float32 and mask.all()
+    with torch.no_grad():
+        for b, c in enumerate(completions):
+            for k, tp in enumerate(teacher_prompts[b]):
+                torch.testing.assert_close(teacher_logp[b, k, : len(c)], ref(tp, c), atol=tol, rtol=0)

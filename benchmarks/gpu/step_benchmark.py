@@ -1,6 +1,9 @@
 """One SGSD training step at Qwen3-1.7B size on a GPU: `sgsd.scoring` against the reference way of scoring.
 
-The model is built from a `Qwen3Config` with random weights (no download): hidden 2048, 28 layers, 16
+`--size qwen2.5-0.5b` (the embedded default's architecture) and `--size smollm2-135m` take the
+shape of benchmarks/scoring.py's CPU runs (B=2, K=8, P=120, S=200, T=512) instead.
+
+The model is built from a config with random weights (no download); by default Qwen3: hidden 2048, 28 layers, 16
 heads, 8 KV heads, head_dim 128, intermediate 6144, vocabulary 151,936, tied embeddings, bf16; LoRA
 r=64 / alpha=128 on all seven projections (lora_B drawn nonzero so every adapter matrix gets a
 gradient), gradient checkpointing on. Inputs (benchmarks/scoring.py `make_inputs`): B=2 problems,
@@ -18,7 +21,7 @@ One step = score the B completions under the student (grad) and the K teachers (
 
 Reported per way: median step time over `--repeats` steps after one warm-up, peak GPU memory
 (`torch.cuda.max_memory_allocated`, and above the loaded model) and the loss; CUDA out-of-memory is
-caught and reported as {"error": "OOM"}. The JSON result is printed and written to $OUT/gpu_step.json
+caught and reported as {"error": "OOM"}. The JSON result is printed and written to $OUT/gpu_step-SIZE-tT.json
 when $OUT is set (or to --json PATH).
 
     python benchmarks/gpu/step_benchmark.py                         # the device machine
@@ -46,8 +49,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from sgsd.config import ALL_PROJECTIONS  # noqa: E402  (after the path set-up)
 
 GIB = 1024**3
-MODEL_SIZES = {
+MODEL_SIZES = {  # model_type + config fields; weights are random
     "qwen3-1.7b": dict(
+        model_type="qwen3",
         hidden_size=2048,
         num_hidden_layers=28,
         num_attention_heads=16,
@@ -60,7 +64,35 @@ MODEL_SIZES = {
         rope_theta=1_000_000.0,
         rms_norm_eps=1e-6,
     ),
+    # the embedded default's architecture (Qwen2.5-Coder-0.5B-Instruct as `sgsd.models` converts it
+    # from the GGUF: untied output layer)
+    "qwen2.5-0.5b": dict(
+        model_type="qwen2",
+        hidden_size=896,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        intermediate_size=4864,
+        vocab_size=151936,
+        tie_word_embeddings=False,
+        max_position_embeddings=32768,
+        rms_norm_eps=1e-6,
+    ),
+    "smollm2-135m": dict(
+        model_type="llama",
+        hidden_size=576,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        intermediate_size=1536,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+    ),
     "tiny": dict(
+        model_type="qwen3",
         hidden_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
@@ -73,7 +105,13 @@ MODEL_SIZES = {
         initializer_range=0.2,  # peaked logits, so teachers and student differ and the loss is not 0
     ),
 }
-SHAPES = {"qwen3-1.7b": dict(b=2, k=8, p=300, s=200, t=1024), "tiny": dict(b=2, k=3, p=16, s=24, t=32)}
+# the small models take benchmarks/scoring.py's CPU shape, so GPU and CPU figures line up
+SHAPES = {
+    "qwen3-1.7b": dict(b=2, k=8, p=300, s=200, t=1024),
+    "qwen2.5-0.5b": dict(b=2, k=8, p=120, s=200, t=512),
+    "smollm2-135m": dict(b=2, k=8, p=120, s=200, t=512),
+    "tiny": dict(b=2, k=3, p=16, s=24, t=32),
+}
 
 
 def _scoring_bench():
@@ -85,14 +123,15 @@ def _scoring_bench():
 
 
 def build_model(size: str, dtype, device, lora_rank: int, lora_alpha: int, checkpointing: bool):
-    """A random-weight Qwen3 causal LM of `size` on `device` with a LoRA adapter (lora_B nonzero)."""
+    """A random-weight causal LM of `size` on `device` with a LoRA adapter (lora_B nonzero)."""
     import torch
-    from transformers import AutoModelForCausalLM, Qwen3Config
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from sgsd.models import apply_lora
 
     torch.manual_seed(0)
-    config = Qwen3Config(**MODEL_SIZES[size])
+    fields = dict(MODEL_SIZES[size])
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model = apply_lora(
@@ -193,7 +232,7 @@ def _environment(device) -> dict:
 def run(cli) -> dict:
     import torch
 
-    size = "tiny" if cli.tiny else "qwen3-1.7b"
+    size = "tiny" if cli.tiny else cli.size
     device = torch.device(cli.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, cli.dtype or ("float32" if cli.tiny else "bfloat16"))
     torch.set_num_threads(min(torch.get_num_threads(), cli.threads))
@@ -250,6 +289,9 @@ def main(argv=None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--tiny", action="store_true", help="tiny model and shape (CPU test, seconds)")
+    parser.add_argument(
+        "--size", default="qwen3-1.7b", choices=[s for s in MODEL_SIZES if s != "tiny"], help="architecture"
+    )
     parser.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
     parser.add_argument("--dtype", help="bfloat16 (default) / float32 (default with --tiny) / float16")
     parser.add_argument("--ways", nargs="+", default=["ours", "reference"], choices=["ours", "reference"])
@@ -264,14 +306,14 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="CPU threads at most")
     for key in ("b", "k", "p", "s", "t"):
         parser.add_argument(f"--{key}", type=int, help=f"override the shape's {key.upper()}")
-    parser.add_argument("--json", type=Path, help="also write the result here (default: $OUT/gpu_step.json)")
+    parser.add_argument("--json", type=Path, help="also write the result here (default: $OUT/gpu_step-SIZE-tT.json)")
     cli = parser.parse_args(argv)
     result = run(cli)
     text = json.dumps(result, indent=2)
     print(text, flush=True)
     targets = [cli.json] if cli.json else []
     if os.environ.get("OUT"):
-        targets.append(Path(os.environ["OUT"]) / "gpu_step.json")
+        targets.append(Path(os.environ["OUT"]) / f"gpu_step-{result['model']}-t{result['shape']['t']}.json")
     for path in targets:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text + "\n", encoding="utf-8")
