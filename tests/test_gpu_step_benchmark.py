@@ -20,7 +20,7 @@ spec.loader.exec_module(step_benchmark)
 def test_tiny_run_on_cpu_writes_out_json(tmp_path, monkeypatch):
     monkeypatch.setenv("OUT", str(tmp_path))
     assert step_benchmark.main(["--tiny", "--device", "cpu", "--repeats", "1"]) == 0
-    result = json.loads((tmp_path / "gpu_step-tiny-t32.json").read_text())
+    result = json.loads((tmp_path / "gpu_step-tiny-t32-r4-c128.json").read_text())
     assert result["model"] == "tiny" and result["shape"] == {"b": 2, "k": 3, "p": 16, "s": 24, "t": 32}
     assert result["gradient_checkpointing"] is True and result["lora"]["rank"] == 64
     ours, ref = result["results"]["ours"], result["results"]["reference"]

@@ -2,7 +2,7 @@
 # The whole GPU check as one command for a lent device machine (no internet; torch, transformers and
 # peft installed; models built from configs with random weights). Writes to $OUT:
 #   log.txt                      GPU, versions, the GPU-marked scoring tests, progress
-#   gpu_step-SIZE-tT.json        benchmarks/gpu/step_benchmark.py, ours against the reference way
+#   gpu_step-SIZE-tT-rR-cC.json   benchmarks/gpu/step_benchmark.py, ours against the reference way
 # Items run most-wanted first, each under its own time limit, so a slow one cannot take the rest.
 #
 #   OUT=/tmp/gpu bash benchmarks/gpu/device_check.sh
