@@ -554,6 +554,162 @@ def plot_diagnostics(groups: dict[str, list], out: Path, bins: int = 12) -> Path
     return path
 
 
+# ---------------------------------------------------------------------------------------------------
+# The raw evidence behind the polarity mix: every (rollout, teacher) decision's robust support and
+# the per-token gaps Delta_t, as the trainer logs them (`decisions`, `delta_hist` in metrics.jsonl).
+
+
+def decisions_of(runs) -> list[tuple[float, float, float]]:
+    """(robust support a~, rho, reward) of every logged (rollout, teacher) decision of `runs`."""
+    return [tuple(map(float, d)) for run in runs for row in run.metrics for d in row.get("decisions", [])]
+
+
+def quantile(sorted_values: Sequence[float], q: float) -> float:
+    """Linear-interpolation quantile (numpy's default) of already sorted values; nan when empty."""
+    if not sorted_values:
+        return math.nan
+    pos = q * (len(sorted_values) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def support_summary(decisions: Sequence[tuple[float, float, float]], eps_a: float) -> dict[str, float]:
+    """How the robust support of the decisions spreads around the dead zone [-eps_a, eps_a]: count,
+    quantiles, the share above +eps_a / below -eps_a, and the share above +eps_a among correct (r > 0)
+    and among wrong (r <= 0) rollouts."""
+    support = sorted(a for a, _, _ in decisions)
+    n = len(support)
+
+    def share(values, test):
+        values = list(values)
+        return sum(map(test, values)) / len(values) if values else math.nan
+
+    return {
+        "n": float(n),
+        "p10": quantile(support, 0.1),
+        "median": quantile(support, 0.5),
+        "p90": quantile(support, 0.9),
+        "above": share(support, lambda a: a > eps_a),
+        "below": share(support, lambda a: a < -eps_a),
+        "above_if_correct": share((a for a, _, r in decisions if r > 0), lambda a: a > eps_a),
+        "above_if_wrong": share((a for a, _, r in decisions if r <= 0), lambda a: a > eps_a),
+    }
+
+
+def delta_fractions(runs) -> list[float]:
+    """Share of kept tokens per `sgsd.metrics.DELTA_EDGES` bin, summed over every logged step; [] if none."""
+    totals: list[int] = []
+    for run in runs:
+        for row in run.metrics:
+            hist = row.get("delta_hist")
+            if hist:
+                totals = [a + b for a, b in zip(totals, hist)] if totals else list(hist)
+    n = sum(totals)
+    return [c / n for c in totals] if n else []
+
+
+def _eps_a(runs) -> float:
+    value = _run_setting(runs[0], "objective", "threshold")
+    return 0.05 if value is None else float(value)
+
+
+def delta_bin_labels() -> list[str]:
+    from sgsd.metrics import DELTA_EDGES
+
+    edges = [f"{e:g}" for e in DELTA_EDGES]
+    return [f"<{edges[0]}", *(f"[{a},{b})" for a, b in zip(edges, edges[1:])), f">={edges[-1]}"]
+
+
+def plot_evidence(groups: dict[str, list], out: Path) -> Path | None:
+    """Left: the distribution of robust support over all decisions of each distilling variant, correct and
+    wrong rollouts apart, with the dead zone shaded. Right: the distribution of Delta_t over kept tokens."""
+    from sgsd.report import _setup_matplotlib
+
+    with_support = {v: runs for v, runs in groups.items() if decisions_of(runs)}
+    if not with_support:
+        return None
+    plt = _setup_matplotlib()
+    n = len(with_support)
+    fig, axes = plt.subplots(1, n + 1, figsize=(4.2 * (n + 1), 4.4), squeeze=False)
+    axes = axes[0]
+    values = [a for runs in with_support.values() for a, _, _ in decisions_of(runs)]
+    lo, hi = min(values), max(values)
+    pad = max(0.05 * (hi - lo), 0.01)
+    bins = [lo - pad + (hi - lo + 2 * pad) * i / 30 for i in range(31)]
+    for ax, runs in zip(axes, with_support.values()):
+        eps_a = _eps_a(runs)
+        decisions = decisions_of(runs)
+        ax.axvspan(-eps_a, eps_a, color="0.85", label=f"dead zone ±{eps_a:g}")
+        for name, test, colour in (
+            ("correct (r>0)", lambda r: r > 0, "C2"),
+            ("wrong (r≤0)", lambda r: r <= 0, "C3"),
+        ):
+            ax.hist([a for a, _, r in decisions if test(r)], bins=bins, color=colour, alpha=0.6, label=name)
+        ax.set_title(f"robust support: {runs[0].label}\n({len(decisions)} decisions)", fontsize=10)
+        ax.set_xlabel("ã (robust support)")
+        ax.legend(fontsize=7)
+    ax = axes[n]
+    labels = delta_bin_labels()
+    width = 0.8 / max(1, len(with_support))
+    for i, runs in enumerate(with_support.values()):
+        fractions = delta_fractions(runs)
+        if fractions:
+            ax.bar(
+                [j + i * width for j in range(len(fractions))], fractions, width=width, label=runs[0].label
+            )
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))], labels, rotation=70, fontsize=7)
+    ax.set_title("Δ_t = log p_T − log p_S over kept tokens", fontsize=10)
+    ax.set_ylabel("share of tokens")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "evidence.png"
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def evidence_lines(groups: dict[str, list]) -> list[str]:
+    """Markdown: the support distribution and the Delta distribution of each distilling variant."""
+    rows = [(v, runs) for v, runs in groups.items() if decisions_of(runs)]
+    if not rows:
+        return []
+    lines = [
+        "## Robust support and Δ (the evidence behind the polarity mix)",
+        "",
+        "Every (rollout, teacher) decision of the runs: robust support ã quantiles, the share outside the "
+        "dead zone ±ε_a, and the share with ã > ε_a among correct (r>0) and wrong (r≤0) rollouts "
+        "(helpful and misleading, if polarity were on). Δ_t: share of kept tokens with −0.03 ≤ Δ_t < 0.03, "
+        "Δ_t < −0.25 and Δ_t ≥ 0.25 nats.",
+        "",
+        "| Variant | Decisions | ã p10 | ã median | ã p90 | ã > ε_a | ã < −ε_a | ã > ε_a, r>0 | ã > ε_a, r≤0 "
+        "| −0.03≤Δ<0.03 | Δ<−0.25 | Δ≥0.25 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    labels = delta_bin_labels()
+    small = {labels.index("[-0.03,0)"), labels.index("[0,0.03)")}
+    low = set(range(labels.index("[-0.25,-0.1)")))
+    high = set(range(labels.index("[0.25,0.5)"), len(labels)))
+    for _, runs in rows:
+        s = support_summary(decisions_of(runs), _eps_a(runs))
+        fr = delta_fractions(runs)
+
+        def part(idx, fr=fr):
+            return sum(fr[i] for i in idx) if fr else math.nan
+
+        cells = [
+            runs[0].label,
+            str(int(s["n"])),
+            *(_fmt(s[k], 4) for k in ("p10", "median", "p90")),
+            *(_fmt(s[k], 3) for k in ("above", "below", "above_if_correct", "above_if_wrong")),
+            _fmt(part(small)),
+            _fmt(part(low)),
+            _fmt(part(high)),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def _fmt(x: float, digits: int = 3) -> str:
     return "–" if x is None or math.isnan(x) else f"{x:.{digits}f}"
 
@@ -609,6 +765,7 @@ def write_diagnostics(groups: dict[str, list], out: Path) -> Path:
             _fmt(column_mean(rows, "truncated_fraction")),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", *evidence_lines(groups)]
     path = out / "diagnostics.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
@@ -624,6 +781,7 @@ def write_report(out: Path) -> list[Path]:
         write_table(groups, out),
         plot_learning(groups, out),
         plot_diagnostics(groups, out),
+        plot_evidence(groups, out),
         write_diagnostics(groups, out),
     ]
     written = [p for p in written if p is not None]

@@ -93,6 +93,54 @@ def test_run_scores_base_final_best_gain():
     assert scores == pytest.approx({"base": 20.0, "final": 40.0, "best": 50.0, "gain": 20.0})
 
 
+def test_delta_histogram_bins_by_hand():
+    import torch
+
+    from sgsd.metrics import DELTA_EDGES, delta_histogram
+
+    # edges -4, -2, -1, -0.5, -0.25, -0.1, -0.03, 0, 0.03, ...; bin i holds edges[i-1] <= x < edges[i]
+    delta = torch.tensor([[-5.0, -4.0, -0.01, 0.0], [0.03, 4.0, 9.0, 0.2]])
+    keep = torch.tensor([[True, True, True, True], [True, True, True, False]])  # 0.2 is not kept
+    counts = delta_histogram(delta, keep)
+    assert len(counts) == len(DELTA_EDGES) + 1 and sum(counts) == 7
+    # -5 -> bin 0; -4 -> bin 1 ([-4, -2)); -0.01 -> bin 7 ([-0.03, 0)); 0 -> bin 8 ([0, 0.03));
+    # 0.03 -> bin 9 ([0.03, 0.1)); 4 and 9 -> last bin (>= 4)
+    assert counts[0] == 1 and counts[1] == 1 and counts[7] == 1 and counts[8] == 1 and counts[9] == 1
+    assert counts[-1] == 2
+    assert lb.delta_bin_labels()[7] == "[-0.03,0)" and lb.delta_bin_labels()[-1] == ">=4"
+
+
+def test_quantile_is_linear_interpolation():
+    values = [1.0, 2.0, 4.0, 8.0]
+    # q=0.5: position 1.5 -> 2 + (4-2)*0.5 = 3; q=0.1: position 0.3 -> 1 + (2-1)*0.3 = 1.3
+    assert lb.quantile(values, 0.5) == pytest.approx(3.0)
+    assert lb.quantile(values, 0.1) == pytest.approx(1.3)
+    assert lb.quantile(values, 1.0) == 8.0 and math.isnan(lb.quantile([], 0.5))
+
+
+def test_support_summary_counts_around_the_dead_zone():
+    # (support, rho, reward); eps_a = 0.05
+    decisions = [(0.2, 1, 1.0), (0.01, 0, 1.0), (-0.3, -1, 1.0), (0.1, -1, -1.0), (-0.06, 1, -1.0)]
+    s = lb.support_summary(decisions, eps_a=0.05)
+    assert s["n"] == 5
+    # above +0.05: 0.2, 0.1 -> 2/5; below -0.05: -0.3, -0.06 -> 2/5
+    assert s["above"] == pytest.approx(0.4) and s["below"] == pytest.approx(0.4)
+    # correct rollouts 0.2, 0.01, -0.3 -> 1/3 above; wrong 0.1, -0.06 -> 1/2 above
+    assert s["above_if_correct"] == pytest.approx(1 / 3) and s["above_if_wrong"] == pytest.approx(0.5)
+    # sorted -0.3, -0.06, 0.01, 0.1, 0.2: median 0.01
+    assert s["median"] == pytest.approx(0.01)
+
+
+def test_delta_fractions_sum_every_step():
+    class Run:
+        metrics = [{"delta_hist": [1, 0, 3]}, {"step": 2}, {"delta_hist": [0, 2, 2]}]
+
+    # totals 1, 2, 5 over 8 tokens
+    assert lb.delta_fractions([Run()]) == pytest.approx([1 / 8, 2 / 8, 5 / 8])
+    assert lb.delta_fractions([]) == []
+    assert lb.decisions_of([Run()]) == []
+
+
 def test_train_command_orders_overrides(tmp_path):
     cmd = lb.train_command(Path("c.yaml"), tmp_path / "r", "opsd", 3, 600.0, 120.0, 1000, ["x.y=1"], True)
     assert cmd[1:8] == ["-m", "sgsd", "train", "-c", "c.yaml", "-o", str(tmp_path / "r")]
@@ -157,18 +205,20 @@ def test_two_methods_one_seed_then_skip_and_resume(tmp_path, tiny_model_dir):
     # only the seed's first run evaluates step 0; the second reuses it (same model, problems and seed)
     assert (out / "runs" / "sgsd" / "seed-0" / "eval" / "step-000000" / "summary.json").is_file()
     assert not (out / "runs" / "grpo" / "seed-0" / "eval" / "step-000000").exists()
-    assert "train.eval_at_start=false" in json.loads((out / "runs" / "grpo" / "seed-0" / "done.json").read_text())[
-        "command"
-    ]
+    assert (
+        "train.eval_at_start=false"
+        in json.loads((out / "runs" / "grpo" / "seed-0" / "done.json").read_text())["command"]
+    )
     table = (out / "table.md").read_text()
     assert "| SGSD |" in table and "| GRPO |" in table
     grpo_row = next(line for line in table.splitlines() if line.startswith("| GRPO |"))
     assert grpo_row.split("|")[2].strip() not in ("", "–")  # base avg@k filled from the shared step 0
-    for name in ("learning.png", "diagnostics.png"):
+    for name in ("learning.png", "diagnostics.png", "evidence.png"):
         assert (out / name).stat().st_size > 10_000
     diagnostics = (out / "diagnostics.md").read_text()
     sgsd_row = next(line for line in diagnostics.splitlines() if line.startswith("| SGSD |"))
     assert "–" not in sgsd_row.split("|")[6]  # the helpful fraction is logged for SGSD
+    assert "## Robust support and Δ" in diagnostics
     assert (out / "runs" / ".gitignore").read_text() == "*\n"
 
     metrics = (out / "runs" / "sgsd" / "seed-0" / "metrics.jsonl").read_text()

@@ -75,6 +75,28 @@ def test_sgsd_logs_the_polarity_mix(tmp_path, tiny_model_dir, monkeypatch):
     assert 0.0 < row["kept_token_fraction"] <= 1.0
 
 
+def test_sgsd_logs_each_decision_and_the_delta_histogram(tmp_path, tiny_model_dir, monkeypatch):
+    """Per step: one [support, rho, reward] per (rollout, valid teacher), consistent with the logged
+    polarity mix, and a Delta histogram over the kept tokens (bins of sgsd.metrics.DELTA_EDGES)."""
+    from sgsd.metrics import DELTA_EDGES
+
+    _alternating_grades(monkeypatch)
+    run = _train(tmp_path, tiny_model_dir, "train.method=sgsd")
+    for row in read_jsonl(run / "metrics.jsonl"):
+        decisions = row["decisions"]
+        assert decisions and all(len(d) == 3 and d[2] in (-1.0, 1.0) for d in decisions)
+        eps_a = 0.05  # objective.threshold default
+        helpful = sum(a > eps_a and r > 0 for a, _, r in decisions) / len(decisions)
+        neutral = sum(abs(a) <= eps_a for a, _, _ in decisions) / len(decisions)
+        assert row["helpful_fraction"] == pytest.approx(helpful, abs=1e-6)
+        assert row["neutral_fraction"] == pytest.approx(neutral, abs=1e-6)
+        for a, rho, r in decisions:  # Eq. 13: rho = sgn_out(r) * sgn(a) outside the dead zone, else 0
+            expected = 0.0 if abs(a) <= eps_a else (1.0 if r > 0 else -1.0) * math.copysign(1.0, a)
+            assert rho == expected
+        hist = row["delta_hist"]
+        assert len(hist) == len(DELTA_EDGES) + 1 and sum(hist) > 0
+
+
 def test_resume_continues_exactly(tmp_path, tiny_model_dir, monkeypatch):
     _alternating_grades(monkeypatch)
     common = ["train.method=sgsd", "train.save_every=2", "skills.update_every=2"]

@@ -306,14 +306,21 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="CPU threads at most")
     for key in ("b", "k", "p", "s", "t"):
         parser.add_argument(f"--{key}", type=int, help=f"override the shape's {key.upper()}")
-    parser.add_argument("--json", type=Path, help="also write the result here (default: $OUT/gpu_step-SIZE-tT-rROWS-cCHUNK.json)")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        help="also write the result here (default: $OUT/gpu_step-SIZE-tT-rROWS-cCHUNK.json)",
+    )
     cli = parser.parse_args(argv)
     result = run(cli)
     text = json.dumps(result, indent=2)
     print(text, flush=True)
     targets = [cli.json] if cli.json else []
     if os.environ.get("OUT"):
-        targets.append(Path(os.environ["OUT"]) / f"gpu_step-{result['model']}-t{result['shape']['t']}-r{cli.chunk_rows}-c{cli.chunk_size}.json")
+        targets.append(
+            Path(os.environ["OUT"])
+            / f"gpu_step-{result['model']}-t{result['shape']['t']}-r{cli.chunk_rows}-c{cli.chunk_size}.json"
+        )
     for path in targets:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text + "\n", encoding="utf-8")
