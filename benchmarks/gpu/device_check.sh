@@ -6,23 +6,7 @@
 # Items run most-wanted first, each under its own time limit, so a slow one cannot take the rest.
 #
 #   OUT=/tmp/gpu bash benchmarks/gpu/device_check.sh
-set -uo pipefail
-OUT=${OUT:-/tmp/sgsd-gpu}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=$PWD
-PY=${PYTHON:-python3}
-exec > >(tee -a "$OUT/log.txt") 2>&1
-
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-$PY -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
-
-step() {  # limit_s, then step_benchmark.py arguments
-    local limit=$1
-    shift
-    echo "=== step_benchmark $* (limit ${limit} s)"
-    timeout "$limit" $PY benchmarks/gpu/step_benchmark.py "$@" || echo "step_benchmark $* exit $?"
-}
-SMALL=(--lora-rank 16 --lora-alpha 32 --no-gradient-checkpointing)  # benchmarks/scoring.py's CPU set-up
+source benchmarks/gpu/common.sh
 
 step 90 --size qwen2.5-0.5b "${SMALL[@]}"
 step 120 --size qwen3-1.7b
