@@ -576,8 +576,8 @@ def quantile(sorted_values: Sequence[float], q: float) -> float:
 
 def support_summary(decisions: Sequence[tuple[float, float, float]], eps_a: float) -> dict[str, float]:
     """How the robust support of the decisions spreads around the dead zone [-eps_a, eps_a]: count,
-    quantiles, the share above +eps_a / below -eps_a, and the share above +eps_a among correct (r > 0)
-    and among wrong (r <= 0) rollouts."""
+    quantiles, the share above +eps_a / below -eps_a, the share above +eps_a among correct (r > 0)
+    and among wrong (r <= 0) rollouts, and the mean support of each."""
     support = sorted(a for a, _, _ in decisions)
     n = len(support)
 
@@ -594,7 +594,13 @@ def support_summary(decisions: Sequence[tuple[float, float, float]], eps_a: floa
         "below": share(support, lambda a: a < -eps_a),
         "above_if_correct": share((a for a, _, r in decisions if r > 0), lambda a: a > eps_a),
         "above_if_wrong": share((a for a, _, r in decisions if r <= 0), lambda a: a > eps_a),
+        "mean_if_correct": _mean([a for a, _, r in decisions if r > 0]),
+        "mean_if_wrong": _mean([a for a, _, r in decisions if r <= 0]),
     }
+
+
+def _mean(values: Sequence[float]) -> float:
+    return statistics.fmean(values) if values else math.nan
 
 
 def delta_fractions(runs) -> list[float]:
@@ -683,8 +689,9 @@ def evidence_lines(groups: dict[str, list]) -> list[str]:
         "Δ_t < −0.25 and Δ_t ≥ 0.25 nats.",
         "",
         "| Variant | Decisions | ã p10 | ã median | ã p90 | ã > ε_a | ã < −ε_a | ã > ε_a, r>0 | ã > ε_a, r≤0 "
+        "| mean ã, r>0 | mean ã, r≤0 "
         "| −0.03≤Δ<0.03 | Δ<−0.25 | Δ≥0.25 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     labels = delta_bin_labels()
     small = {labels.index("[-0.03,0)"), labels.index("[0,0.03)")}
@@ -702,6 +709,7 @@ def evidence_lines(groups: dict[str, list]) -> list[str]:
             str(int(s["n"])),
             *(_fmt(s[k], 4) for k in ("p10", "median", "p90")),
             *(_fmt(s[k], 3) for k in ("above", "below", "above_if_correct", "above_if_wrong")),
+            *(_fmt(s[k], 4) for k in ("mean_if_correct", "mean_if_wrong")),
             _fmt(part(small)),
             _fmt(part(low)),
             _fmt(part(high)),

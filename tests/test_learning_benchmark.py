@@ -129,6 +129,8 @@ def test_support_summary_counts_around_the_dead_zone():
     assert s["above_if_correct"] == pytest.approx(1 / 3) and s["above_if_wrong"] == pytest.approx(0.5)
     # sorted -0.3, -0.06, 0.01, 0.1, 0.2: median 0.01
     assert s["median"] == pytest.approx(0.01)
+    # mean support: correct (0.2 + 0.01 - 0.3) / 3 = -0.03; wrong (0.1 - 0.06) / 2 = 0.02
+    assert s["mean_if_correct"] == pytest.approx(-0.03) and s["mean_if_wrong"] == pytest.approx(0.02)
 
 
 def test_delta_fractions_sum_every_step():

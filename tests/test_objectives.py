@@ -202,6 +202,26 @@ def test_robust_support_by_hand():
     assert robust_support(deltas, torch.zeros(1, 3), 3.0, 1e-8).tolist() == [[0.0, 0.0]]
 
 
+def test_support_of_on_policy_samples_estimates_minus_kl():
+    """Without clipping, the robust support of tokens sampled from the student itself is a Monte Carlo
+    estimate of E_{y~p_S}[log p_T(y) - log p_S(y)] = -KL(p_S || p_T) <= 0: on the student's own samples
+    any teacher that differs from the student has negative support on average (the learning
+    benchmark's diagnosis leans on this). Here p_S, p_T over 5 tokens, KL worked out by hand:
+    p_S = (.5, .2, .1, .1, .1), p_T = (.2, .2, .2, .2, .2): KL = .5 ln 2.5 + .2 ln 1 + 3 * .1 ln .5
+    = 0.458145 - 0.207944 = 0.250201."""
+    p_s = torch.tensor([0.5, 0.2, 0.1, 0.1, 0.1], dtype=torch.float64)
+    p_t = torch.full((5,), 0.2, dtype=torch.float64)
+    kl = 0.5 * math.log(2.5) + 3 * 0.1 * math.log(0.5)
+    assert kl == pytest.approx(0.250201, abs=1e-6)
+    n = 200_000
+    tokens = torch.multinomial(p_s, n, replacement=True, generator=torch.Generator().manual_seed(0))
+    delta = (p_t.log() - p_s.log())[tokens].view(1, 1, n)  # [B=1, K=1, T=n]
+    support = robust_support(delta, torch.ones(1, n), None, 1e-12)  # [1, 1]
+    # per-sample delta: ln .4 (p .5), 0 (p .2), ln 2 (p .3); E[d^2] = .5 * .8396 + .3 * .4805 = .5639,
+    # var = .5639 - .2502^2 = .5013, std 0.708; tolerance 5 sigma / sqrt(n)
+    assert float(support) == pytest.approx(-kl, abs=5 * 0.708 / math.sqrt(n))
+
+
 # ----------------------------------------------------------------------------
 # Eqs. 9, 13 polarity: the Table 2 decision rule case by case
 
@@ -664,7 +684,9 @@ def test_sgsd_loss_accepts_per_teacher_student_logprobs():
     student = torch.tensor([[-1.0, -2.0]])  # [1, 2]
     teacher = torch.tensor([[[-0.5, -1.0], [-1.5, -2.5]]])  # [1, 2, 2]
     common = dict(
-        mask=torch.ones(1, 2), reward=torch.tensor([1.0]), retrieval_scores=torch.zeros(1, 2),
+        mask=torch.ones(1, 2),
+        reward=torch.tensor([1.0]),
+        retrieval_scores=torch.zeros(1, 2),
         teacher_mask=torch.ones(1, 2, dtype=torch.bool),
     )
     flat, _ = sgsd_loss(student, teacher, **common)
