@@ -18,7 +18,8 @@ Afterwards (or with `--report-only`) the script writes, from every run folder un
 - table.md / table.json: per variant base avg@k (step 0), final and best avg@k, final - base,
   mean ± std over seeds, seeds and steps done;
 - learning.png: avg@k against training minutes, mean over seeds with a ± std band (each run's
-  curve is linearly interpolated onto a common grid of minutes);
+  curve is linearly interpolated onto a common grid of minutes, its final value held to the
+  latest final evaluation);
 - diagnostics.png / diagnostics.md: why a method does or does not learn: reward, mean robust
   support, mean |Delta| (teacher - student log-prob gap), kept-token fraction and the polarity mix
   against training minutes, and their means, skipped steps and truncation.
@@ -260,6 +261,12 @@ def interpolate(curve: Sequence[tuple[float, float]], grid: Sequence[float]) -> 
     return out
 
 
+def extend_flat(curve: Sequence[tuple[float, float]], end: float) -> list[tuple[float, float]]:
+    """The curve with its last value held until `end` (unchanged if it already reaches `end`)."""
+    curve = list(curve)
+    return [*curve, (end, curve[-1][1])] if curve and curve[-1][0] < end else curve
+
+
 def time_grid(budget_min: float, every_min: float) -> list[float]:
     """0, every, 2*every, ... up to and including the budget."""
     n = int(math.floor(budget_min / every_min + 1e-9)) if every_min > 0 else 0
@@ -448,9 +455,16 @@ def plot_learning(groups: dict[str, list], out: Path) -> Path | None:
         )
         or budget / 4
     )
+    end = max(c[-1][0] for runs in curves.values() for _, c in runs if c)
     if budget <= 0:
-        budget = max(c[-1][0] for runs in curves.values() for _, c in runs if c)
-    grid = time_grid(budget, every)
+        budget = end
+    # runs stop at the first step boundary past the budget, so final evaluations land a little after
+    # it: the grid's last point is the latest final evaluation, and each finished run keeps its final
+    # value from its own final evaluation to there (training has stopped, the model no longer changes)
+    grid = [g for g in time_grid(budget, every) if g < budget - 1e-9] + [max(end, budget)]
+    curves = {
+        v: [(r, extend_flat(c, grid[-1]) if r.done else c) for r, c in runs] for v, runs in curves.items()
+    }
     plt = _setup_matplotlib()
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for i, (variant, runs) in enumerate(curves.items()):

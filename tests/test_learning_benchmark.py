@@ -72,6 +72,12 @@ def test_time_grid_ends_at_the_budget():
     assert lb.time_grid(12.0, 5.0) == [0.0, 5.0, 10.0, 12.0]  # 12 / 5 = 2.4 -> 0, 5, 10, then 12
 
 
+def test_extend_flat_holds_the_final_value():
+    assert lb.extend_flat([(0.0, 40.0), (4.4, 37.5)], 4.7) == [(0.0, 40.0), (4.4, 37.5), (4.7, 37.5)]
+    assert lb.extend_flat([(0.0, 40.0), (4.7, 15.0)], 4.7) == [(0.0, 40.0), (4.7, 15.0)]
+    assert lb.extend_flat([], 3.0) == []
+
+
 def test_binned_means():
     points = [(0.0, 1.0), (0.5, 3.0), (1.0, 10.0), (2.0, 4.0), (3.0, 8.0)]
     # bins [0,1): 1, 3 -> 2; [1,2): 10; [2,3] (last bin closed): 4, 8 -> 6
