@@ -8,7 +8,10 @@ One SGSD step = score B rollouts under the student (grad) and K teachers (no gra
   teacher the same under no_grad (all B*K rows at once). Benchmark prompts all have one length, so
   the reference's right padding does not matter here.
 - ours: `score_student` (one forward per problem, chunked fp32 head under checkpoint) and
-  `score_teachers` (chunk_rows rows per forward, chunked head).
+  `score_teachers` (chunk_rows rows per forward, chunked head), as the trainer calls them: LoRA in
+  the base precision (`sgsd.models.adapters_in_base_precision`, inside scoring) and freed heap
+  returned to the OS after the teachers and after backward (`sgsd.hostmem`). Both ways get the
+  same trims. `ours-before` (`--with-before`) is ours without those two measures.
 
 Every measurement runs in a child process with RLIMIT_AS capped (default 10 GiB) and reports peak
 RSS (ru_maxrss) and RSS after loading; a child that runs out of memory is reported as OOM.
@@ -38,6 +41,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 GIB = 1024**3
 
+from sgsd.hostmem import release_freed_memory  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------
 # Models
@@ -168,20 +172,42 @@ def reference_step(model, inputs, pad_id: int):
     rows_c = [completions[i] for i in range(b) for _ in range(k)]
     student = _reference_logp(model, [prompts[i] for i in range(b) for _ in range(k)], rows_c, grad=True)
     teacher = _reference_logp(model, [teachers[i][j] for i in range(b) for j in range(k)], rows_c, grad=False)
+    release_freed_memory()  # the same allocator treatment as ours, so only the scoring differs
     t = len(completions[0])
     loss = _loss(student.float().view(b, k, t), teacher.float().view(b, k, t), mask, reward, retrieval)
     loss.backward()
+    release_freed_memory()
     return loss
 
 
 def ours_step(model, inputs, pad_id: int, chunk_rows: int = 4, chunk_size: int = 128):
+    """As the trainer does it: teachers, a trim, the student, loss, backward, a trim."""
     from sgsd.scoring import score_student, score_teachers
 
     prompts, teachers, completions, mask, reward, retrieval = inputs
     teacher, _ = score_teachers(
         model, teachers, completions, pad_id, chunk_rows=chunk_rows, chunk_size=chunk_size
     )
+    release_freed_memory()
     student, _ = score_student(model, prompts, completions, pad_id, chunk_size=chunk_size)
+    loss = _loss(student, teacher, mask, reward, retrieval)
+    loss.backward()
+    release_freed_memory()
+    return loss
+
+
+def ours_before_step(model, inputs, pad_id: int):
+    """Ours as it was before sgsd.hostmem and adapters_in_base_precision: no trims, peft's fp32
+    adapter casts (the ablation of those two memory measures, same process layout)."""
+    import contextlib
+
+    from sgsd import scoring
+    from sgsd.scoring import score_student, score_teachers
+
+    scoring.adapters_in_base_precision = lambda module: contextlib.nullcontext()
+    prompts, teachers, completions, mask, reward, retrieval = inputs
+    teacher, _ = score_teachers(model, teachers, completions, pad_id)
+    student, _ = score_student(model, prompts, completions, pad_id)
     loss = _loss(student, teacher, mask, reward, retrieval)
     loss.backward()
     return loss
@@ -202,7 +228,13 @@ def teacher_piece(model, inputs, pad_id: int):
     score_teachers(model, teachers, completions, pad_id)
 
 
-STEPS = {"reference": reference_step, "ours": ours_step, "student": student_piece, "teachers": teacher_piece}
+STEPS = {
+    "reference": reference_step,
+    "ours": ours_step,
+    "ours-before": ours_before_step,
+    "student": student_piece,
+    "teachers": teacher_piece,
+}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -306,6 +338,8 @@ def main() -> None:
                         help="completion lengths tried for the reference, largest first")  # fmt: skip
     parser.add_argument("--full-t", type=int, nargs="+", default=[512, 1024], help="shapes for ours")
     parser.add_argument("--skip-pieces", action="store_true")
+    parser.add_argument("--with-before", action="store_true",
+                        help="also run ours without the two host-memory measures (ours-before)")  # fmt: skip
     # child-only
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model")
@@ -331,10 +365,10 @@ def main() -> None:
             if "error" not in ref:
                 fitted = t
                 break
-        if fitted is not None and fitted not in cli.full_t:
-            run_child(model, "ours", {**base, "t": fitted}, cli)
-        for t in cli.full_t:
-            run_child(model, "ours", {**base, "t": t}, cli)
+        ours_variants = ["ours", "ours-before"] if cli.with_before else ["ours"]
+        for t in ([fitted] if fitted is not None and fitted not in cli.full_t else []) + list(cli.full_t):
+            for variant in ours_variants:
+                run_child(model, variant, {**base, "t": t}, cli)
         if not cli.skip_pieces:
             run_child(model, "student", {**base, "t": cli.full_t[0]}, cli)
             run_child(model, "teachers", {**base, "t": cli.full_t[0]}, cli)

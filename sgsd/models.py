@@ -344,6 +344,40 @@ def apply_lora(
     return peft_model
 
 
+_HALF_DTYPES = ("bfloat16", "float16")
+
+
+@contextlib.contextmanager
+def adapters_in_base_precision(module):
+    """Run `module`'s LoRA adapters in the base weights' half precision, keeping fp32 master weights.
+
+    peft keeps adapter weights in fp32 over a bf16 base and casts every adapter input to fp32; in
+    a forward with grad each such copy is saved for the backward: `[tokens, hidden]` fp32 for the
+    q/k/v, o, gate/up inputs and `[tokens, intermediate]` fp32 for down_proj, per layer, about half of
+    a 0.5B student's saved activations. Here the input cast is switched off and the forward runs
+    under autocast to the base dtype, so an adapter multiplies the bf16 input it shares with the
+    base layer by a bf16 copy of its weight, and its gradient still lands in the fp32 parameter
+    (mixed precision as with any autocast training). A no-op for fp32 bases or modules without LoRA
+    layers; the first floating parameter's dtype is taken as the base dtype.
+    """
+    import torch
+
+    base = next((p for p in module.parameters() if p.is_floating_point()), None)
+    adapters = [m for m in module.modules() if hasattr(m, "cast_input_dtype_enabled")]
+    if base is None or not adapters or str(base.dtype).removeprefix("torch.") not in _HALF_DTYPES:
+        yield
+        return
+    previous = [m.cast_input_dtype_enabled for m in adapters]
+    for m in adapters:
+        m.cast_input_dtype_enabled = False
+    try:
+        with torch.autocast(device_type=base.device.type, dtype=base.dtype):
+            yield
+    finally:
+        for m, value in zip(adapters, previous, strict=True):
+            m.cast_input_dtype_enabled = value
+
+
 def is_peft_model(model) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
 

@@ -15,6 +15,8 @@ so nothing here materialises a `[rows, T, V]` tensor:
    `torch.utils.checkpoint`, so only one chunk's logits are alive during backward.
 4. The student runs once per problem; its log-probs broadcast over the K teachers. Teacher rows run
    under no_grad, `chunk_rows` rows per forward.
+5. Over a bf16 (or fp16) base, LoRA adapters run in that precision with fp32 master weights
+   (`sgsd.models.adapters_in_base_precision`), so no fp32 copy of every adapter input is saved.
 
 Teacher weights are whatever `model` holds when called: for a live teacher pass the policy; for a
 frozen teacher wrap `score_teachers` in `model.disable_adapter()` (the combined functions take a
@@ -37,6 +39,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from sgsd.errors import ConfigError, DataError
+from sgsd.models import adapters_in_base_precision
 from sgsd.objectives import forward_kl, generalized_jsd, reverse_kl, topk_support_logprobs
 from sgsd.prompts import render_chat
 
@@ -137,12 +140,13 @@ def _pack(prompts: TokenIds, completions: TokenIds, pad_id: int, device: torch.d
 
 def _completion_hidden(parts: _CausalLMParts, packed: _Packed) -> torch.Tensor:
     """Decoder hidden states at the valid completion positions, flattened row-major: `[N, H]`."""
-    out = parts.decoder(
-        input_ids=packed.input_ids,
-        attention_mask=packed.attention_mask,
-        position_ids=packed.position_ids,
-        use_cache=False,
-    )
+    with adapters_in_base_precision(parts.decoder):
+        out = parts.decoder(
+            input_ids=packed.input_ids,
+            attention_mask=packed.attention_mask,
+            position_ids=packed.position_ids,
+            use_cache=False,
+        )
     width_t = packed.targets.shape[1]
     hidden = out.last_hidden_state[:, packed.first : packed.first + width_t]  # [R, T, H]
     return hidden[packed.valid]  # [N, H] (a contiguous copy)

@@ -41,6 +41,7 @@ from sgsd.config import Config, config_to_dict, dump_config
 from sgsd.errors import UserError
 from sgsd.faults import maybe_fault
 from sgsd.fileio import append_jsonl, atomic_write_text
+from sgsd.hostmem import release_freed_memory
 from sgsd.objectives import POLARITY_FRACTIONS
 
 SKILL_METHODS = {"sgsd", "opsd_skill", "grpo_skill"}
@@ -400,6 +401,7 @@ class Trainer:
             self.scheduler.step()  # a skipped step does not advance the schedule
             stats["skipped_step"] = 0.0
         self.optimizer.zero_grad(set_to_none=True)
+        release_freed_memory()  # glibc keeps the step's freed temporaries resident otherwise (sgsd.hostmem)
         stats.update(
             reward_mean=float(rewards.mean()),
             accuracy=float((rewards > 0).float().mean()),
@@ -506,6 +508,7 @@ class Trainer:
                     chunk_rows=t.chunk_rows,
                     chunk_size=o.position_chunk,
                 )  # [B, K, T], [B, K]  no grad, teacher weights (live / frozen / EMA / periodic)
+            release_freed_memory()  # the teacher forwards' temporaries, before the student's activations
             student_logp, valid = score_student(
                 self.model, student_prompts, completion_ids, self.pad_id, chunk_size=o.position_chunk
             )  # [B, T]  one forward with grad, broadcast over the K teachers

@@ -130,6 +130,38 @@ def test_student_chunk_size_does_not_change_results(llama):
     torch.testing.assert_close(one, big, atol=TOL, rtol=0)
 
 
+def test_student_over_bf16_base_saves_no_fp32_adapter_inputs(tiny_model_dir, monkeypatch):
+    """A bf16 policy with fp32 LoRA weights (peft's default): scoring runs the adapters in bf16
+    (sgsd.models.adapters_in_base_precision), so the student forward saves for backward well under
+    half the fp32 bytes that peft's own input casts would save, and the log-probs are still fp32."""
+    import contextlib
+
+    from peft import LoraConfig, get_peft_model
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = get_peft_model(_load(tiny_model_dir).to(torch.bfloat16), LoraConfig(r=4, target_modules=targets))
+    _, prompts, completions = _problems(seed=2)
+
+    def saved_fp32_bytes():
+        sizes = {}
+
+        def pack(t):
+            if t.dtype == torch.float32 and not isinstance(t, torch.nn.Parameter):
+                sizes[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            logp, _ = scoring.score_student(model, prompts, completions, pad_id=2)
+        assert logp.dtype == torch.float32 and logp.requires_grad
+        return sum(sizes.values()), logp.detach()
+
+    ours, ours_logp = saved_fp32_bytes()
+    monkeypatch.setattr(scoring, "adapters_in_base_precision", lambda module: contextlib.nullcontext())
+    peft_way, peft_logp = saved_fp32_bytes()
+    assert ours < peft_way / 2
+    torch.testing.assert_close(ours_logp, peft_logp, atol=0.1, rtol=0)  # bf16 hidden states either way
+
+
 def test_student_rejects_empty_prompt_and_mismatched_batch(llama):
     with pytest.raises(DataError, match="empty prompt"):
         scoring.score_student(llama, [[]], [[5, 6]], pad_id=2)
