@@ -69,7 +69,8 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
-    # generator backend for student rollouts: hf (transformers), vllm (GPU extra)
+    # generator backend for student rollouts (and evaluation during training): hf (transformers), or vllm
+    # (GPU extra; a colocated engine that samples with the LoRA adapter saved after every step)
     backend: Literal["hf", "vllm"] = "hf"
     # sampling temperature (paper, SGSD/OPSD: 1.1; GRPO: 1.2)
     temperature: float = 1.1

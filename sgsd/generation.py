@@ -219,11 +219,15 @@ class HFGenerator:
 class VLLMGenerator:
     """Sampling with a colocated `vllm.LLM` that serves the base model plus the current LoRA adapter.
 
-    UNTESTED in this repository's CI: vLLM is not installed on the CPU machines and no vLLM-enabled
-    GPU run has exercised it yet (tests marked `vllm` and `gpu`). Weight sync is by adapter folder:
-    call `sync_adapter(path)` after saving the trainable adapter (`sgsd.models.save_adapter`); each
-    call registers a new LoRA id so vLLM does not reuse a cached adapter. Without an adapter the
-    base model is sampled.
+    Weight sync is by adapter folder: call `sync_adapter(path)` after saving the trainable adapter
+    (`sgsd.models.save_adapter`; the trainer does it after every optimizer step); each call registers
+    a new LoRA id so vLLM does not reuse a cached adapter. Without an adapter (or after
+    `sync_adapter(None)`) the base model is sampled.
+
+    Tested here only against a stand-in `vllm` module that records the calls (tests/test_generation.py,
+    tests/test_trainer.py): the arguments, the token-id prompts, the adapter folders and the outputs'
+    conversion. A real engine has not run in this repository's checks: vLLM is not installed on the
+    CPU machines nor on the lent GPU machine (tests marked `vllm` run where it is).
     """
 
     def __init__(
@@ -252,10 +256,13 @@ class VLLMGenerator:
         self._lora_request = None
         self._lora_ids = itertools.count(1)
 
-    def sync_adapter(self, adapter_path: str | os.PathLike) -> None:
-        """Sample from now on with the LoRA adapter saved at `adapter_path`."""
+    def sync_adapter(self, adapter_path: str | os.PathLike | None) -> None:
+        """Sample from now on with the LoRA adapter saved at `adapter_path` (None: the base model)."""
         from vllm.lora.request import LoRARequest
 
+        if adapter_path is None:
+            self._lora_request = None
+            return
         lora_id = next(self._lora_ids)
         self._lora_request = LoRARequest(f"policy-{lora_id}", lora_id, str(adapter_path))
 

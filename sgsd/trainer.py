@@ -4,7 +4,8 @@ Every optimizer step, read top to bottom:
 
     sample B problems
       -> student rollouts y ~ p_S(.|x)          plain prompt, thinking off (grpo: G per prompt;
-                                                grpo_skill / opsd_skill: skills in the student prompt)
+                                                grpo_skill / opsd_skill: skills in the student prompt;
+                                                vllm backend: current adapter synced to the engine first)
       -> verify                                 r = +1 / -1
       -> build teachers for the method          sgsd: K retrieved skill-mistake pairs, weights alpha_k
                                                 opsd: one teacher that sees the reference answer
@@ -108,6 +109,7 @@ class Trainer:
         self._build_policy()
         self._build_optimizer()
         self.step = 0
+        self._step_evidence: dict = {}  # filled per step by _record_evidence
         self.train_time_s = 0.0  # seconds spent in training steps (the budget clock)
         self.last_eval_time_s = 0.0
         self.last_eval_step = -1
@@ -137,14 +139,15 @@ class Trainer:
             raise UserError(f"no training problems left from {d.train_source}")
 
     def _build_policy(self) -> None:
-        from sgsd.generation import HFGenerator
-        from sgsd.models import TeacherPolicy, apply_lora, load_policy
+        from sgsd.generation import HFGenerator, make_generator
+        from sgsd.models import TeacherPolicy, apply_lora, load_policy, resolve_model_path
 
         m = self.cfg.model
-        if self.cfg.rollout.backend != "hf":
-            # VLLMGenerator exists (sgsd.generation) but syncing LoRA weights into a colocated engine every
-            # step has not been run on a GPU yet, so the trainer refuses rather than pretend.
-            raise UserError("rollout.backend=vllm is not wired into the trainer yet; use rollout.backend=hf")
+        if self.cfg.rollout.backend == "vllm" and m.lora_rank == 0:
+            raise UserError(
+                "rollout.backend=vllm syncs the policy into vLLM as a LoRA adapter; "
+                "it needs model.lora_rank > 0 (or use rollout.backend=hf)"
+            )
         model, self.tokenizer = load_policy(
             m.name, dtype=m.dtype, cache_dir=m.cache_dir, attn_implementation=m.attn_implementation
         )
@@ -162,7 +165,33 @@ class Trainer:
         self.teacher = TeacherPolicy(
             self.model, mode=t.mode, ema_decay=t.ema_decay, periodic_every=t.periodic_every
         )
-        self.generator = HFGenerator(self.model, self.tokenizer, batch_size=self.cfg.rollout.batch_size)
+        if self.cfg.rollout.backend == "vllm":
+            self.generator = make_generator(
+                "vllm",
+                model_path=resolve_model_path(m.name, m.cache_dir),
+                tokenizer=self.tokenizer,
+                max_lora_rank=m.lora_rank,
+                gpu_memory_utilization=self.cfg.rollout.vllm_gpu_memory_utilization,
+                dtype=m.dtype,
+            )
+        else:
+            self.generator = HFGenerator(self.model, self.tokenizer, batch_size=self.cfg.rollout.batch_size)
+        self._synced_step: int | None = None  # the step whose weights the vllm engine samples with
+
+    def _policy_generator(self):
+        """The generator, sampling with the current weights. hf samples from the policy itself; a vllm
+        engine holds its own copy of the base model, so after every optimizer step (and after a resume)
+        the trainable adapter is saved to RUN/rollout-adapter and registered with the engine under a
+        new LoRA id before the engine is used again."""
+        if self.cfg.rollout.backend == "vllm" and self._synced_step != self.step:
+            from sgsd.models import save_adapter
+
+            name = "rollout-adapter" + (
+                f"-rank{self.acc.process_index}" if self.acc.num_processes > 1 else ""
+            )
+            self.generator.sync_adapter(save_adapter(self.model, self.run_dir / name))
+            self._synced_step = self.step
+        return self.generator
 
     def _build_skills(self) -> None:
         self.retriever = self.evolver = self.ledger = self.bank = None
@@ -215,7 +244,7 @@ class Trainer:
             from sgsd.generation import OpenAIChatGenerator
 
             return OpenAIChatGenerator(model=s.extractor_model, base_url=s.extractor_base_url)
-        return self.generator
+        return self._policy_generator()
 
     # ------------------------------------------------------------------ the loop
 
@@ -322,7 +351,7 @@ class Trainer:
             n=r.num_generations,
             seed=self._step_seed(step),
         )
-        outputs = self.generator.generate(texts, params, enable_thinking=r.enable_thinking)
+        outputs = self._policy_generator().generate(texts, params, enable_thinking=r.enable_thinking)
         rollouts = []
         for i, (problem, text, samples, pp) in enumerate(zip(problems, texts, outputs, pairs)):
             for c in samples:
@@ -371,7 +400,7 @@ class Trainer:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         meter = MetricMeter()
-        self._step_evidence: dict = {}  # per-decision support and Delta histogram (SGSD-style methods)
+        self._step_evidence = {}  # per-decision support and Delta histogram (SGSD-style methods)
         units = self._normalizer(rollouts)
         mb = self.cfg.train.micro_batch_size * (
             self.cfg.rollout.num_generations if self.method.startswith("grpo") else 1
@@ -531,8 +560,7 @@ class Trainer:
             o.loss == "sampled_rkl"
         ):  # same polarity and weights, sampled-token reverse-KL gradient per teacher
             loss = _polarity_weighted_sampled_rkl(student_logp, teacher_logp, mask, metrics, o.eps)
-        self._record_ledger(chunk, metrics)
-        self._record_decisions(chunk, student_logp, teacher_logp, mask, teacher_mask, metrics)
+        self._record_evidence(chunk, student_logp, teacher_logp, mask, teacher_mask, metrics)
         # sgsd_loss averages over the micro-batch's problems; rescale to the batch objective
         return loss * (len(chunk) / units), _scalars(metrics)
 
@@ -610,29 +638,25 @@ class Trainer:
             valid[i, : len(c)] = True
         return valid
 
-    def _record_ledger(self, chunk: list[Rollout], metrics: dict) -> None:
-        if self.ledger is None or "support" not in metrics:
-            return
-        support, rho = metrics["support"].cpu(), metrics["rho"].cpu()
-        for b, r in enumerate(chunk):
-            k = len(r.pairs[: self.cfg.teachers.count])
-            if k:
-                self.ledger.record(r.pairs[:k], support[b, :k].tolist(), rho[b, :k].tolist(), r.reward)
-
-    def _record_decisions(self, chunk, student_logp, teacher_logp, mask, teacher_mask, metrics) -> None:
-        """Keep this step's raw evidence for diagnosis: one [robust support, rho, reward] per valid
-        (rollout, teacher) and a histogram of the per-token gaps Delta_t over kept tokens of valid
-        teachers (bins `sgsd.metrics.DELTA_EDGES`). Logged with the step as `decisions`, `delta_hist`."""
+    def _record_evidence(self, chunk, student_logp, teacher_logp, mask, teacher_mask, metrics) -> None:
+        """Per micro-batch of an SGSD-style objective: feed the skill ledger, and keep this step's raw
+        evidence for diagnosis: one [robust support, rho, reward] per valid (rollout, teacher) and a
+        histogram of the per-token gaps Delta_t over kept tokens of valid teachers (bins
+        `sgsd.metrics.DELTA_EDGES`), logged with the step as `decisions` and `delta_hist`."""
         from sgsd.metrics import delta_histogram
 
-        student = student_logp if student_logp.dim() == 3 else student_logp.unsqueeze(1)  # [B, K|1, T]
+        support, rho, valid = metrics["support"].cpu(), metrics["rho"].cpu(), teacher_mask.cpu()  # [B, K]
+        if self.ledger is not None:
+            for b, r in enumerate(chunk):
+                k = len(r.pairs[: self.cfg.teachers.count])
+                if k:
+                    self.ledger.record(r.pairs[:k], support[b, :k].tolist(), rho[b, :k].tolist(), r.reward)
+        student = _per_teacher_view(student_logp)  # [B, K|1, T]
         delta = teacher_logp.detach() - student.detach()  # [B, K, T]
         keep = mask.unsqueeze(1) & teacher_mask.unsqueeze(-1)  # [B, K, T]
         counts = delta_histogram(delta, keep)
         seen = self._step_evidence.setdefault("delta_hist", [0] * len(counts))
         self._step_evidence["delta_hist"] = [a + b for a, b in zip(seen, counts)]
-        support, rho = metrics["support"].cpu(), metrics["rho"].cpu()  # [B, K]
-        valid = teacher_mask.cpu()
         rows = self._step_evidence.setdefault("decisions", [])
         for b, r in enumerate(chunk):
             for k in range(valid.shape[1]):
@@ -779,7 +803,7 @@ class Trainer:
 
         e = self.cfg.eval
         summary = evaluate_sources(
-            self.generator,
+            self._policy_generator(),
             self.eval_sets,
             out_dir=self.run_dir / "eval" / f"step-{step:06d}",
             k=e.k,
@@ -804,9 +828,15 @@ class Trainer:
         return summary
 
 
+def _per_teacher_view(student_logp: torch.Tensor) -> torch.Tensor:
+    """Student log-probs `[B, T]` (one score for all teachers) or `[B, K, T]` (top-K support: one per
+    teacher) as `[B, K|1, T]`, to broadcast against teacher log-probs `[B, K, T]`."""
+    return student_logp if student_logp.dim() == 3 else student_logp.unsqueeze(1)
+
+
 def _polarity_weighted_sampled_rkl(student_logp, teacher_logp, mask, metrics, eps) -> torch.Tensor:
     """mean_b sum_k alpha_k rho_k * (-masked mean_t stopgrad(Delta_t) * log p_S(y_t)) (Fig. 3(c) option)."""
-    student = student_logp if student_logp.dim() == 3 else student_logp.unsqueeze(1)  # [B, K|1, T]
+    student = _per_teacher_view(student_logp)  # [B, K|1, T]
     m = mask.float().unsqueeze(1)  # [B, 1, T]
     delta = torch.where(m > 0, teacher_logp.detach() - student.detach(), 0.0)  # [B, K, T]
     per_teacher = -(delta * student * m).sum(-1) / (m.sum(-1) + eps)  # [B, K]

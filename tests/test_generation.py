@@ -323,3 +323,55 @@ def test_embedded_qwen_samples_reproducibly():
             if c.finish_reason == "stop":
                 assert c.token_ids[-1] in eos_token_ids(model, tokenizer)
     assert any("19" in t for t in texts[:4]), texts  # the model can add: at least one sample says 19
+
+
+def test_vllm_generator_drives_the_engine_with_token_prompts_and_adapters(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """Against the stand-in engine (tests/fake_vllm.py): what sgsd sends to vLLM and what it makes of
+    the answer. Prompts go as token ids rendered exactly as the hf backend renders them."""
+    from fake_vllm import FakeEngine
+
+    from sgsd.models import apply_lora, save_adapter
+
+    model, tokenizer = load_policy(str(tiny_model_dir), dtype="float32", device="cpu")  # LoRA goes on it
+    reply = tokenizer("x = 3", add_special_tokens=False)["input_ids"]
+    engine = FakeEngine(reply, "x = 3").install(monkeypatch)
+    generator = make_generator(
+        "vllm", model_path="/models/m", tokenizer=tokenizer, max_lora_rank=8, gpu_memory_utilization=0.3
+    )
+    assert engine.init_kwargs == [
+        {"model": "/models/m", "enable_lora": True, "max_lora_rank": 8, "gpu_memory_utilization": 0.3,
+         "dtype": "auto"}
+    ]  # fmt: skip
+    params = SamplingParams(temperature=0.7, top_p=0.9, top_k=0, max_new_tokens=5, n=2, seed=3, stop=["Q:"])
+    out = generator.generate(PROBLEMS, params, enable_thinking=False)
+
+    call = engine.calls[-1]
+    expected = [
+        tokenizer(render_chat(tokenizer, p, False), add_special_tokens=False)["input_ids"] for p in PROBLEMS
+    ]
+    assert call.prompts == [{"prompt_token_ids": ids} for ids in expected]
+    assert vars(call.params) == {
+        "n": 2, "temperature": 0.7, "top_p": 0.9, "top_k": -1, "max_tokens": 5, "seed": 3, "stop": ["Q:"]
+    }  # fmt: skip
+    assert call.lora is None  # no adapter synced: the base model
+    assert [len(samples) for samples in out] == [2, 2]
+    assert all(
+        c.token_ids == reply and c.text == "x = 3" and c.finish_reason == "stop" for s in out for c in s
+    )
+    assert [out[i][0].prompt_ids for i in range(2)] == expected
+
+    adapter = save_adapter(apply_lora(model, rank=4, alpha=8, target_modules=["q_proj"]), tmp_path / "a")
+    generator.sync_adapter(adapter)
+    generator.generate(PROBLEMS[:1], SamplingParams())
+    generator.sync_adapter(adapter)  # the same folder rewritten by a later step: a new id, not vLLM's cache
+    generator.generate(PROBLEMS[:1], SamplingParams())
+    assert [(c.lora.lora_int_id, c.lora.lora_path) for c in engine.calls[1:]] == [
+        (1, str(adapter)),
+        (2, str(adapter)),
+    ]
+    assert len({c.lora.lora_name for c in engine.calls[1:]}) == 2 and engine.calls[1].adapter
+    generator.sync_adapter(None)
+    generator.generate(PROBLEMS[:1], SamplingParams())
+    assert engine.calls[-1].lora is None

@@ -172,3 +172,41 @@ def test_a_second_run_in_the_same_folder_needs_resume_or_overwrite(
     assert len(read_jsonl(run / "metrics.jsonl")) == 1  # nothing was touched
     assert main([*args, "--overwrite"]) == 0
     assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [1]  # a fresh run, not appended
+
+
+def test_vllm_backend_samples_with_the_adapter_of_each_step(tmp_path, tiny_model_dir, monkeypatch):
+    """rollout.backend=vllm against the stand-in engine (tests/fake_vllm.py): one engine over the model
+    folder; before each use after an optimizer step the trainable adapter is saved and registered
+    under a new LoRA id, so rollouts and evaluations sample with the current weights."""
+    from fake_vllm import FakeEngine
+    from transformers import AutoTokenizer
+
+    _alternating_grades(monkeypatch)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    reply = tokenizer("The sum is \\boxed{3}.", add_special_tokens=False)["input_ids"] + [
+        tokenizer.eos_token_id
+    ]
+    engine = FakeEngine(reply, "The sum is \\boxed{3}.").install(monkeypatch)
+    run = _train(tmp_path, tiny_model_dir, "rollout.backend=vllm", "skills.online_update=false")
+
+    assert len(engine.init_kwargs) == 1
+    assert engine.init_kwargs[0]["model"] == str(tiny_model_dir)
+    assert engine.init_kwargs[0]["enable_lora"] and engine.init_kwargs[0]["max_lora_rank"] == 4
+    # eval at step 0, rollouts of steps 1 and 2, eval at step 2
+    ids = [c.lora.lora_int_id for c in engine.calls]
+    assert ids == [1, 1, 2, 3]
+    lora_b = [v for c in engine.calls for k, v in c.adapter.items() if "lora_B" in k]
+    assert lora_b and all(float(v.abs().max()) == 0 for v in lora_b[: len(lora_b) // 4])  # step 0: B = 0
+    final = load_file(str(run / "checkpoints" / "step-000002" / "adapter" / "adapter_model.safetensors"))
+    assert engine.calls[-1].adapter.keys() == final.keys()
+    assert all(torch.equal(engine.calls[-1].adapter[k], final[k]) for k in final)
+    assert any(not torch.equal(engine.calls[2].adapter[k], final[k]) for k in final)  # step 1 != step 2
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2] and all(r["completion_tokens"] == len(reply) for r in rows)
+
+
+def test_vllm_backend_refuses_full_fine_tuning(tmp_path, tiny_model_dir, capsys):
+    rc = main(["train", "-c", "tiny", "-o", str(tmp_path / "r"), f"model.name={tiny_model_dir}",
+               "rollout.backend=vllm", "model.lora_rank=0"])  # fmt: skip
+    assert rc == 2
+    assert "model.lora_rank > 0" in capsys.readouterr().err

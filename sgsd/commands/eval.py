@@ -169,8 +169,7 @@ def _generator_factory(cfg):
                     max_lora_rank=max(cfg.model.lora_rank, 1),
                     gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization,
                 )  # fmt: skip
-            if adapter is not None:
-                state["vllm"].sync_adapter(adapter)
+            state["vllm"].sync_adapter(adapter)  # None: back to the base model
             return state["vllm"]
         state.pop("hf", None)  # free the previous checkpoint's model first
         model, tokenizer = load_policy(
