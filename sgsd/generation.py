@@ -148,6 +148,8 @@ class HFGenerator:
         import torch
         from transformers import GenerationConfig
 
+        from sgsd.models import adapters_in_base_precision
+
         device = next(self.model.parameters()).device
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos_ids[0]
         width = max(len(p) for p in prompts)
@@ -175,7 +177,12 @@ class HFGenerator:
             min_p=0.0 if getattr(self.model.generation_config, "min_p", None) is not None else None,
         )
         devices = [device.index or 0] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices, enabled=seed is not None):
+        # adapters in the base precision, as sgsd.scoring runs them: rollouts are sampled with the
+        # same numerics their log-probs are scored with
+        with (
+            torch.random.fork_rng(devices=devices, enabled=seed is not None),
+            adapters_in_base_precision(self.model),
+        ):
             if seed is not None:
                 torch.manual_seed(seed)
             output = self.model.generate(

@@ -296,6 +296,53 @@ def test_adapters_in_base_precision_restores_and_skips_fp32(tiny_model_dir, tiny
         assert not torch.is_autocast_enabled("cpu")
 
 
+HEAD_PROBE = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+from sgsd.models import apply_lora, contiguous_head_inputs
+def peak_mib():  # VmHWM: this process image's own peak (ru_maxrss would carry the forking parent's)
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
+if sys.argv[2] == "hooked":
+    contiguous_head_inputs(model)
+model = apply_lora(model, rank=4, alpha=8, target_modules=["q_proj", "v_proj"])  # the head is frozen
+ids = torch.randint(100, 1000, (32, 9), generator=torch.Generator().manual_seed(0))
+with torch.no_grad():
+    model(input_ids=ids[:2], logits_to_keep=1)  # warm-up: the runtime's own one-off allocations
+    before = peak_mib()
+    logits = model(input_ids=ids, logits_to_keep=1).logits  # [32, 1, V], what a prefill computes
+grew = peak_mib() - before
+torch.save(logits, sys.argv[3])
+print(json.dumps({"grew_mib": grew}))
+"""
+
+
+def test_contiguous_head_inputs_stop_the_prefill_from_copying_the_head(tiny_model_dir, tmp_path):
+    """A prefill's last-position hidden states reach a frozen bf16 head as a strided `[32, 1, H]` view;
+    unhooked, torch copies the head weight once per row (32 x V x H bf16 = 201 MB for the tiny model;
+    fp32 matmuls take the view as it is), hooked it does not, and the logits are the same."""
+    import json
+    import subprocess
+    import sys
+
+    grew = {}
+    for variant in ("plain", "hooked"):
+        out = subprocess.run(
+            [sys.executable, "-c", HEAD_PROBE, str(tiny_model_dir), variant, str(tmp_path / variant)],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        grew[variant] = json.loads(out.stdout.strip().splitlines()[-1])["grew_mib"]
+    assert grew["plain"] > 120  # the [32, H, V] bf16 copy is 201 MB
+    assert grew["hooked"] < 40
+    torch.testing.assert_close(torch.load(tmp_path / "hooked"), torch.load(tmp_path / "plain"))
+
+
+def test_load_policy_hooks_the_head(tiny):
+    model, _ = tiny
+    assert model.get_output_embeddings()._forward_pre_hooks
+
+
 def test_gradient_checkpointing_with_lora_backprops(tiny):
     model, tokenizer = tiny
     peft_model = apply_lora(model, 4, 8, 0.0, TARGETS, gradient_checkpointing=True)
