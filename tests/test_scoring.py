@@ -162,6 +162,31 @@ def test_student_over_bf16_base_saves_no_fp32_adapter_inputs(tiny_model_dir, mon
     torch.testing.assert_close(ours_logp, peft_logp, atol=0.1, rtol=0)  # bf16 hidden states either way
 
 
+def test_bf16_student_with_gradient_checkpointing_matches_without(tiny_model_dir):
+    """Checkpointed layers recompute in the backward, outside the scoring call and its adapter
+    context; the recomputation must still match the forward (same gradients as without
+    checkpointing, up to bf16 rounding of the order of operations)."""
+    from sgsd.models import apply_lora, load_policy
+
+    _, prompts, completions = _problems(seed=4)
+    grads = {}
+    for checkpointing in (False, True):
+        base, _ = load_policy(str(tiny_model_dir), dtype="bfloat16", device="cpu")
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        torch.manual_seed(0)  # the same lora_A draws both times
+        model = apply_lora(base, 4, 8, 0.0, targets, gradient_checkpointing=checkpointing)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, 0.05)
+        model.train()
+        logp, _ = scoring.score_student(model, prompts, completions, pad_id=2)
+        logp.sum().backward()
+        grads[checkpointing] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    assert grads[True].dtype == torch.float32
+    assert float((grads[True] - grads[False]).norm() / grads[False].norm()) < 1e-2
+
+
 def test_student_rejects_empty_prompt_and_mismatched_batch(llama):
     with pytest.raises(DataError, match="empty prompt"):
         scoring.score_student(llama, [[]], [[5, 6]], pad_id=2)
