@@ -36,13 +36,18 @@ def tiny(tiny_model_dir):
 def lora_model(tiny):
     """A LoRA policy whose adapter is nonzero (lora_B starts at 0, so perturb it)."""
     model, tokenizer = tiny
-    peft_model = apply_lora(model, rank=4, alpha=8, dropout=0.0, target_modules=TARGETS)
+    return _perturbed_lora(model, TARGETS, std=0.5), tokenizer
+
+
+def _perturbed_lora(model, targets, std):
+    """`model` with rank-4 LoRA adapters on `targets` whose lora_B is drawn from N(0, std^2)."""
+    peft_model = apply_lora(model, rank=4, alpha=8, dropout=0.0, target_modules=targets)
     torch.manual_seed(0)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
-                param.normal_(0, 0.5)
-    return peft_model, tokenizer
+                param.normal_(0, std)
+    return peft_model
 
 
 def _logits(model, ids):
@@ -209,13 +214,7 @@ def _bf16_lora(tiny_model_dir):
     """The tiny model in bf16 with all-projection LoRA adapters, which peft keeps in fp32."""
     model, tokenizer = load_policy(str(tiny_model_dir), dtype="bfloat16", device="cpu")
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    peft_model = apply_lora(model, rank=4, alpha=8, dropout=0.0, target_modules=targets)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
-    return peft_model, tokenizer
+    return _perturbed_lora(model, targets, std=0.05), tokenizer
 
 
 def _saved_fp32_bytes(model, ids) -> tuple[int, torch.Tensor]:
