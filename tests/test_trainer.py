@@ -97,9 +97,10 @@ def test_sgsd_logs_each_decision_and_the_delta_histogram(tmp_path, tiny_model_di
         assert len(hist) == len(DELTA_EDGES) + 1 and sum(hist) > 0
 
 
-def test_resume_continues_exactly(tmp_path, tiny_model_dir, monkeypatch):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bf16: adapters run under autocast
+def test_resume_continues_exactly(tmp_path, tiny_model_dir, monkeypatch, dtype):
     _alternating_grades(monkeypatch)
-    common = ["train.method=sgsd", "train.save_every=2", "skills.update_every=2"]
+    common = ["train.method=sgsd", "train.save_every=2", "skills.update_every=2", f"model.dtype={dtype}"]
     straight = _train(tmp_path, tiny_model_dir, *common, "train.steps=4", name="straight")
     interrupted = _train(tmp_path, tiny_model_dir, *common, "train.steps=2", name="split")
     rc = main(
