@@ -22,19 +22,19 @@ import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def child(args) -> dict:
     import torch
 
+    from sgsd.config import ALL_PROJECTIONS
     from sgsd.models import apply_lora, load_policy
 
     torch.set_num_threads(args.threads)
     model, _ = load_policy(args.model, dtype="bfloat16", device="cpu")  # hooks the head
     if args.variant == "unhooked":
         model.get_output_embeddings()._forward_pre_hooks.clear()
-    model = apply_lora(model, rank=16, alpha=32, target_modules=TARGETS)
+    model = apply_lora(model, rank=16, alpha=32, target_modules=ALL_PROJECTIONS)
     ids = torch.randint(100, 20_000, (args.rows, args.prompt), generator=torch.Generator().manual_seed(0))
     times = []
     with torch.no_grad():

@@ -135,37 +135,34 @@ def reference_step(model, inputs, pad_id: int):
     return loss
 
 
-def ours_step(model, inputs, pad_id: int, chunk_rows: int = 4, chunk_size: int = 128):
-    """As the trainer does it: teachers, a trim, the student, loss, backward, a trim."""
+def ours_step(
+    model, inputs, pad_id: int, chunk_rows: int = 4, chunk_size: int = 128, release=release_freed_memory
+):
+    """As the trainer does it: teachers, `release()` (a heap trim), the student, loss, backward, `release()`."""
     from sgsd.scoring import score_student, score_teachers
 
     prompts, teachers, completions, mask, reward, retrieval = inputs
     teacher, _ = score_teachers(
         model, teachers, completions, pad_id, chunk_rows=chunk_rows, chunk_size=chunk_size
     )
-    release_freed_memory()
+    release()
     student, _ = score_student(model, prompts, completions, pad_id, chunk_size=chunk_size)
     loss = _loss(student, teacher, mask, reward, retrieval)
     loss.backward()
-    release_freed_memory()
+    release()
     return loss
 
 
 def ours_before_step(model, inputs, pad_id: int):
     """Ours as it was before sgsd.hostmem and adapters_in_base_precision: no trims, peft's fp32
-    adapter casts (the ablation of those two memory measures, same process layout)."""
+    adapter casts (the ablation of those two memory measures, same process layout). Each variant runs
+    in its own child, so switching the adapter context off for the whole process is safe."""
     import contextlib
 
     from sgsd import scoring
-    from sgsd.scoring import score_student, score_teachers
 
     scoring.adapters_in_base_precision = lambda module: contextlib.nullcontext()
-    prompts, teachers, completions, mask, reward, retrieval = inputs
-    teacher, _ = score_teachers(model, teachers, completions, pad_id)
-    student, _ = score_student(model, prompts, completions, pad_id)
-    loss = _loss(student, teacher, mask, reward, retrieval)
-    loss.backward()
-    return loss
+    return ours_step(model, inputs, pad_id, release=lambda: None)
 
 
 def student_piece(model, inputs, pad_id: int):

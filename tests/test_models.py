@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from sgsd import models
+from sgsd.config import ALL_PROJECTIONS
 from sgsd.errors import ConfigError, UserError
 from sgsd.models import (
     EmbeddedModel,
@@ -213,8 +214,7 @@ def test_rank_zero_trains_full_model(tiny):
 def _bf16_lora(tiny_model_dir):
     """The tiny model in bf16 with all-projection LoRA adapters, which peft keeps in fp32."""
     model, tokenizer = load_policy(str(tiny_model_dir), dtype="bfloat16", device="cpu")
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    return _perturbed_lora(model, targets, std=0.05), tokenizer
+    return _perturbed_lora(model, ALL_PROJECTIONS, std=0.05), tokenizer
 
 
 def _saved_fp32_bytes(model, ids) -> tuple[int, torch.Tensor]:

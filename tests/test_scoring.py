@@ -11,6 +11,7 @@ import torch
 from conftest import QWEN3_STYLE_TEMPLATE, build_tiny_model_dir
 
 from sgsd import scoring
+from sgsd.config import ALL_PROJECTIONS
 from sgsd.errors import ConfigError, DataError
 
 torch.set_num_threads(2)
@@ -138,8 +139,9 @@ def test_student_over_bf16_base_saves_no_fp32_adapter_inputs(tiny_model_dir, mon
 
     from peft import LoraConfig, get_peft_model
 
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    model = get_peft_model(_load(tiny_model_dir).to(torch.bfloat16), LoraConfig(r=4, target_modules=targets))
+    model = get_peft_model(
+        _load(tiny_model_dir).to(torch.bfloat16), LoraConfig(r=4, target_modules=ALL_PROJECTIONS)
+    )
     _, prompts, completions = _problems(seed=2)
 
     def saved_fp32_bytes():
@@ -172,9 +174,8 @@ def test_bf16_student_with_gradient_checkpointing_matches_without(tiny_model_dir
     grads = {}
     for checkpointing in (False, True):
         base, _ = load_policy(str(tiny_model_dir), dtype="bfloat16", device="cpu")
-        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
         torch.manual_seed(0)  # the same lora_A draws both times
-        model = apply_lora(base, 4, 8, 0.0, targets, gradient_checkpointing=checkpointing)
+        model = apply_lora(base, 4, 8, 0.0, ALL_PROJECTIONS, gradient_checkpointing=checkpointing)
         with torch.no_grad():
             for name, param in model.named_parameters():
                 if "lora_B" in name:
