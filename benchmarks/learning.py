@@ -442,7 +442,7 @@ def write_table(groups: dict[str, list], out: Path) -> Path:
 
 def plot_learning(groups: dict[str, list], out: Path) -> Path | None:
     """avg@k (%) against training minutes: mean over seeds on a common grid, band = ± std."""
-    from sgsd.report import _setup_matplotlib
+    from sgsd.report import setup_matplotlib
 
     curves = {v: [(r, eval_curve(r.evals, r.metrics)) for r in runs] for v, runs in groups.items()}
     if not any(len(c) > 1 for runs in curves.values() for _, c in runs):
@@ -465,7 +465,7 @@ def plot_learning(groups: dict[str, list], out: Path) -> Path | None:
     curves = {
         v: [(r, extend_flat(c, grid[-1]) if r.done else c) for r, c in runs] for v, runs in curves.items()
     }
-    plt = _setup_matplotlib()
+    plt = setup_matplotlib()
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for i, (variant, runs) in enumerate(curves.items()):
         per_run = [interpolate(c, grid) for _, c in runs if c]
@@ -523,7 +523,7 @@ def plot_diagnostics(groups: dict[str, list], out: Path, bins: int = 12) -> Path
     """Top row: reward, support, |Delta|, kept tokens against training minutes (mean over seeds and the
     steps in each time bin), one line per variant. Bottom row: the polarity mix per variant, one stacked
     bar per time bin (an empty bin stays empty)."""
-    from sgsd.report import POLARITY, _setup_matplotlib
+    from sgsd.report import POLARITY, setup_matplotlib
 
     if not any(run.metrics for runs in groups.values() for run in runs):
         return None
@@ -531,7 +531,7 @@ def plot_diagnostics(groups: dict[str, list], out: Path, bins: int = 12) -> Path
     mids = [(a + b) / 2 for a, b in zip(edges, edges[1:])]
     polar = [v for v, runs in groups.items() if _points(runs, POLARITY_KEYS[0])]
     ncols = max(len(SIGNALS), len(polar), 1)
-    plt = _setup_matplotlib()
+    plt = setup_matplotlib()
     fig, axes = plt.subplots(2, ncols, figsize=(4.6 * ncols, 8.4), squeeze=False)
     for ax, (key, title) in zip(axes[0], SIGNALS):
         for i, runs in enumerate(groups.values()):
@@ -644,12 +644,12 @@ def delta_bin_labels() -> list[str]:
 def plot_evidence(groups: dict[str, list], out: Path) -> Path | None:
     """Left: the distribution of robust support over all decisions of each distilling variant, correct and
     wrong rollouts apart, with the dead zone shaded. Right: the distribution of Delta_t over kept tokens."""
-    from sgsd.report import _setup_matplotlib
+    from sgsd.report import setup_matplotlib
 
     with_support = {v: runs for v, runs in groups.items() if decisions_of(runs)}
     if not with_support:
         return None
-    plt = _setup_matplotlib()
+    plt = setup_matplotlib()
     n = len(with_support)
     fig, axes = plt.subplots(1, n + 1, figsize=(4.2 * (n + 1), 4.4), squeeze=False)
     axes = axes[0]

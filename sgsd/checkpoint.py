@@ -206,3 +206,15 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def truncate_metrics(path: Path, step: int) -> list[dict]:
+    """On resume, drop the metric rows logged after the checkpoint's step (they will be produced again);
+    returns the rows kept."""
+    if not path.exists():
+        return []
+    from sgsd.fileio import atomic_write_jsonl, read_jsonl
+
+    rows = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
+    atomic_write_jsonl(path, rows)
+    return rows

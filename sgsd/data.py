@@ -703,3 +703,33 @@ def decontamination_summary(kept: list[Problem], dropped: list[Problem], held_ou
         shown = ", ".join(p.id for p in dropped[:5])
         line += f" ({shown}{', ...' if len(dropped) > 5 else ''})"
     return line
+
+
+# ---------------------------------------------------------------------------------------------------
+# The run's problem sets, built in one place for training, in-loop evaluation and `sgsd eval --run`
+
+HELD_OUT_SEED_OFFSET = 1  # held-out sets use generator seed data.seed + 1, training data.seed
+
+
+def held_out_sets(data_cfg, sources=None) -> dict[str, list[Problem]]:
+    """The held-out problems of a run, per source: `data.eval_sources` (or `sources`), `data.eval_size`
+    each, generator seed `data.seed + 1` so that generated held-out problems differ from the training
+    draw, and each loader's own columns (`data.columns` maps the training file only). The trainer's
+    in-loop evaluation, `sgsd eval` and the learning benchmark all call this, so they score the same
+    problems."""
+    names = data_cfg.eval_sources if sources is None else sources
+    seed = data_cfg.seed + HELD_OUT_SEED_OFFSET
+    return {src: load_problems(src, size=data_cfg.eval_size, seed=seed) for src in names}
+
+
+def training_problems(data_cfg, held_out: dict[str, list[Problem]]) -> list[Problem]:
+    """The run's training problems (seed `data.seed`, `data.columns`), without any whose text matches
+    a held-out problem when `data.contamination_guard` is on. Raises DataError if none are left."""
+    problems = load_problems(
+        data_cfg.train_source, size=data_cfg.train_size, seed=data_cfg.seed, columns=data_cfg.columns
+    )
+    if data_cfg.contamination_guard and held_out:
+        problems, _dropped = decontaminate(problems, [p for probs in held_out.values() for p in probs])
+    if not problems:
+        raise DataError(f"no training problems left from {data_cfg.train_source}")
+    return problems

@@ -43,6 +43,13 @@ from sgsd.fileio import append_jsonl, atomic_write_json, atomic_write_jsonl, rea
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
+
+def eval_seed(train_seed: int) -> int:
+    """The sampling seed of held-out evaluations (in the loop and `sgsd eval`): train.seed + 17, so
+    evaluation samples differ from rollout samples and a checkpoint sweep repeats the loop's draws."""
+    return train_seed + 17
+
+
 # ----------------------------------------------------------------------------
 # Metrics (pure)
 
@@ -303,11 +310,7 @@ def evaluate_sources(
     generator,
     eval_sets: dict[str, Sequence],
     out_dir: str | Path,
-    k: int,
-    temperature: float,
-    top_p: float,
-    top_k: int,
-    max_new_tokens: int,
+    params,
     enable_thinking: bool,
     seed: int = 0,
     retriever=None,
@@ -322,21 +325,19 @@ def evaluate_sources(
 ) -> dict:
     """Evaluate the generator's current weights on several sources (the trainer's in-loop evaluation):
     writes `out_dir/SOURCE.jsonl` per source and `out_dir/summary.json`
-    ({"step", "checkpoint", "results": {slug: metrics}}), and returns the summary. About `batch_size`
-    sequences (problems x k) are generated at once; a progress bar counts problems."""
+    ({"step", "checkpoint", "results": {slug: metrics}}), and returns the summary. `params` are the
+    SamplingParams (`params.n` = k samples per problem; e.g. `sgsd.generation.sampling_params(cfg.eval,
+    n=cfg.eval.k)`). About `batch_size` sequences (problems x k) are generated at once; a progress bar
+    counts problems."""
     from functools import partial
 
     from tqdm.auto import tqdm
-
-    from sgsd.generation import SamplingParams
 
     if grade_fn is None:
         from sgsd.verifier import grade_many
 
         grade_fn = partial(grade_many, timeout_s=verifier_timeout_s, workers=verifier_workers)
-    params = SamplingParams(
-        temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, n=k
-    )
+    k = params.n
     prompt_fn = skill_prompt_fn(retriever) if retriever is not None else None
     out_dir = Path(out_dir)
     results = {}

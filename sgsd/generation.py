@@ -58,6 +58,19 @@ class SamplingParams:
             object.__setattr__(self, "stop", tuple(self.stop))
 
 
+def sampling_params(section, n: int = 1, seed: int | None = None) -> SamplingParams:
+    """SamplingParams from a config section with temperature, top_p, top_k and max_new_tokens
+    (`cfg.rollout` for training rollouts, `cfg.eval` for evaluation)."""
+    return SamplingParams(
+        temperature=section.temperature,
+        top_p=section.top_p,
+        top_k=section.top_k,
+        max_new_tokens=section.max_new_tokens,
+        n=n,
+        seed=seed,
+    )
+
+
 @dataclass
 class Completion:
     """One sampled completion (see the module docstring for what `token_ids` holds)."""

@@ -37,3 +37,58 @@ class MetricMeter:
 
     def mean(self) -> dict[str, float]:
         return {k: self._sums[k] / self._weights[k] for k in self._sums if self._weights[k] > 0}
+
+
+def scalars(metrics: dict) -> dict[str, float]:
+    """The loggable scalars of an objective's metrics (0-d tensors and numbers; per-teacher tensors
+    are dropped)."""
+    out = {}
+    for k, v in metrics.items():
+        if hasattr(v, "dim"):
+            if v.dim() == 0:
+                out[k] = float(v)
+        elif isinstance(v, (int, float)):
+            out[k] = float(v)
+    return out
+
+
+def decision_evidence(rewards: list[float], metrics: dict, teacher_mask, ledger_pairs: list[list]) -> dict:
+    """The evidence of one micro-batch of an SGSD-style objective (`sgsd.objectives.sgsd_loss`
+    metrics): ledger entries (pairs, supports, rho, reward) for teachers of one pair each, one decision
+    [robust support, rho, reward] per valid rollout-teacher pair, and the histogram of the gaps Delta_t
+    over kept tokens of valid teachers (bins `DELTA_EDGES`)."""
+    support, rho, valid = metrics["support"].cpu(), metrics["rho"].cpu(), teacher_mask.cpu()  # [B, K]
+    ledger = [
+        (pairs, support[b, : len(pairs)].tolist(), rho[b, : len(pairs)].tolist(), rewards[b])
+        for b, pairs in enumerate(ledger_pairs)
+        if pairs
+    ]
+    decisions = [
+        [round(float(support[b, k]), 5), round(float(rho[b, k]), 4), rewards[b]]
+        for b in range(valid.shape[0])
+        for k in range(valid.shape[1])
+        if valid[b, k]
+    ]
+    return {
+        "ledger": ledger,
+        "decisions": decisions,
+        "delta_hist": delta_histogram(metrics["delta"], metrics["live"]),
+    }
+
+
+def step_evidence(parts: list[dict]) -> dict:
+    """One step's logged evidence from its micro-batches': `decisions`, `delta_hist`, and the mean
+    robust support of correct and of wrong rollouts (`support_correct`, `support_wrong`; absent when
+    the step has none of that outcome), which shows whether the teachers' signal tracks the outcome."""
+    if not parts:
+        return {}
+    decisions = [d for part in parts for d in part["decisions"]]
+    out: dict = {
+        "decisions": decisions,
+        "delta_hist": [sum(c) for c in zip(*(p["delta_hist"] for p in parts))],
+    }
+    for name, correct in (("support_correct", True), ("support_wrong", False)):
+        values = [a for a, _, r in decisions if (r > 0) == correct]
+        if values:
+            out[name] = sum(values) / len(values)
+    return out

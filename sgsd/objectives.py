@@ -36,6 +36,7 @@ Conventions
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -43,7 +44,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 # Keys of `sgsd_loss` metrics whose values are detached [B, K] tensors (all other keys are 0-d tensors).
-SGSD_TENSOR_METRICS = ("support", "rho", "weights", "teacher_loss")
+SGSD_TENSOR_METRICS = ("support", "rho", "weights", "teacher_loss", "delta", "live")
 # the Table 2 polarity mix logged by `sgsd_loss`, in the paper's order of cases
 POLARITY_FRACTIONS = (
     "helpful_fraction",
@@ -55,6 +56,8 @@ POLARITY_FRACTIONS = (
 
 Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
 Aggregation = Literal["token_mean", "sequence_mean"]
+TeacherTerm = Literal["gated", "sampled_rkl"]
+TEACHER_TERMS = ("gated", "sampled_rkl")
 
 
 def _as_float(x: torch.Tensor) -> torch.Tensor:
@@ -158,6 +161,9 @@ def sgsd_loss(
     eps: float = 1e-8,
     use_polarity: bool = True,
     support_delta: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+    teacher_term: TeacherTerm = "gated",
+    normalizer: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The SGSD objective (Eqs. 6, 7, 11-16): mean over problems of sum_k alpha_k rho_k l_k.
 
@@ -178,6 +184,14 @@ def sgsd_loss(
     no threshold = `threshold=0`; no polarity = `use_polarity=False` (rho = +1 for every valid teacher);
     single teacher = pass K = 1.
 
+    `weights` [B, K], when given, are the teacher weights alpha (already Eq. 6, e.g. computed once per
+    batch with a temperature); `retrieval_scores` is then ignored and may be None. `teacher_term`
+    picks l_k: "gated" (Eq. 15) or "sampled_rkl" (Fig. 3(c): the sampled-token reverse-KL policy
+    gradient -masked mean_t stopgrad(Delta_t) log p_S(y_t), same polarity and weights).
+    `normalizer` is the number of problems the batch objective averages over (default B); a
+    micro-batch of a larger batch passes the whole batch's count, so accumulated gradients equal the
+    full batch's.
+
     Returns `(loss, metrics)`. Metrics are detached; keys in `SGSD_TENSOR_METRICS` ("support", "rho",
     "weights", "teacher_loss") are [B, K] tensors for a skill ledger, every other key a 0-d tensor:
     the Table 2 fractions over valid teachers ("helpful_fraction": r > 0 and a~ > eps_a,
@@ -194,9 +208,14 @@ def sgsd_loss(
         "student_logp": (student_logp, (B, K, T) if student_logp.dim() == 3 else (B, T)),
         "mask": (mask, (B, T)),
         "reward": (reward, (B,)),
-        "retrieval_scores": (retrieval_scores, (B, K)),
         "teacher_mask": (teacher_mask, (B, K)),
     }
+    if weights is None:
+        expected["retrieval_scores"] = (retrieval_scores, (B, K))
+    else:
+        expected["weights"] = (weights, (B, K))
+    if teacher_term not in TEACHER_TERMS:
+        raise ValueError(f"teacher_term must be one of {', '.join(TEACHER_TERMS)}, got {teacher_term!r}")
     if support_delta is not None:
         expected["support_delta"] = (support_delta, (B, K, T))
     for name, (tensor, shape) in expected.items():
@@ -222,10 +241,16 @@ def sgsd_loss(
         rho = polarity(support, reward, threshold) * valid  # [B, K]  Eq. 13
     else:
         rho = valid  # [B, K]  Fig. 4 "w/o polarity": distill every teacher
-    teacher_loss = _masked_token_mean(gated_loss(delta, tau), token_w.unsqueeze(1), eps)  # [B, K]  Eq. 15
-    weights = teacher_weights(retrieval_scores, valid_teacher)  # [B, K]  Eq. 6
+    if teacher_term == "gated":
+        per_token = gated_loss(delta, tau)  # [B, K, T]  Eq. 14
+    else:
+        per_token = -delta.detach() * student  # [B, K, T]  sampled-token reverse KL
+    teacher_loss = _masked_token_mean(per_token, token_w.unsqueeze(1), eps)  # [B, K]  Eq. 15
+    if weights is None:
+        weights = teacher_weights(retrieval_scores, valid_teacher)  # [B, K]  Eq. 6
+    weights = _as_float(weights).detach() * valid  # [B, K]
     per_problem = (weights * rho * teacher_loss).sum(-1)  # [B]  Eq. 16
-    loss = per_problem.mean()
+    loss = per_problem.sum() / (B if normalizer is None else normalizer)
 
     with torch.no_grad():
         n_valid = valid.sum().clamp_min(1.0)
@@ -256,6 +281,8 @@ def sgsd_loss(
             "rho": rho.detach(),
             "weights": weights.detach(),
             "teacher_loss": teacher_loss.detach(),
+            "delta": delta.detach(),
+            "live": live,
         }
     return loss, metrics
 
@@ -354,6 +381,37 @@ def divergence_loss(
     return aggregate(per_position, mask, "sequence_mean", eps=eps)
 
 
+def divergence_objective(
+    per_token: torch.Tensor,
+    mask: torch.Tensor,
+    weights: torch.Tensor,
+    normalizer: float | None = None,
+    eps: float = 1e-8,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """OPSD and Fig. 3(c): sum over problems of sum_k alpha_k D_k, divided by `normalizer` (default B
+    problems), with D_k the masked token mean of teacher k's per-position divergence.
+
+    `per_token` [B, K, T] (with grad; e.g. from `sgsd.scoring.score_divergence`), `mask` [B, T],
+    `weights` [B, K] teacher weights alpha, 0 for missing teachers. A divergence has no sign to
+    validate, so there is no polarity. Metrics: "divergence" (mean D_k over teachers with weight > 0)
+    and "kept_token_fraction" (mask mean), both detached 0-d.
+    """
+    if per_token.dim() != 3 or tuple(mask.shape) != (per_token.shape[0], per_token.shape[2]):
+        raise ValueError(f"per_token must be [B, K, T] and mask [B, T], got {tuple(per_token.shape)} "
+                         f"and {tuple(mask.shape)}")  # fmt: skip
+    per_teacher = _masked_token_mean(_as_float(per_token), mask.unsqueeze(1), eps)  # [B, K]
+    weights = _as_float(weights).detach()  # [B, K]
+    per_problem = (weights * per_teacher).sum(-1)  # [B]
+    loss = per_problem.sum() / (per_token.shape[0] if normalizer is None else normalizer)
+    with torch.no_grad():
+        present = (weights > 0).to(per_teacher.dtype)  # [B, K]
+        metrics = {
+            "divergence": (per_teacher * present).sum() / present.sum().clamp_min(1.0),
+            "kept_token_fraction": mask.to(per_teacher.dtype).mean(),
+        }
+    return loss, metrics
+
+
 # ----------------------------------------------------------------------------
 # Sampled-token objectives
 
@@ -394,19 +452,30 @@ def sampled_rkl_loss(
 # GRPO
 
 
-def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: Aggregation, eps: float = 1e-8) -> torch.Tensor:
+def aggregate(
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    mode: Aggregation,
+    eps: float = 1e-8,
+    normalizer: float | None = None,
+) -> torch.Tensor:
     """Reduce per-token `values` [B, T] under `mask` [B, T] to a scalar.
 
     token_mean: sum over all kept tokens / number of kept tokens in the batch (+ eps).
     sequence_mean: each row's masked token mean (sum / (row count + eps)), then the mean over rows
     (a row without kept tokens counts as 0).
+    `normalizer` replaces the denominator of the outer mean (kept tokens for token_mean, rows for
+    sequence_mean) with the count of a whole batch of which these rows are a micro-batch, so that
+    gradients accumulated over micro-batches equal the whole batch's.
     """
     values = _as_float(values)
     if mode == "token_mean":
         weights = mask.to(values.dtype)  # [B, T]
-        return torch.where(weights > 0, values * weights, 0.0).sum() / (weights.sum() + eps)
+        total = torch.where(weights > 0, values * weights, 0.0).sum()
+        return total / (weights.sum() + eps if normalizer is None else normalizer)
     if mode == "sequence_mean":
-        return _masked_token_mean(values, mask, eps).mean()
+        per_row = _masked_token_mean(values, mask, eps)  # [B]
+        return per_row.sum() / (per_row.shape[0] if normalizer is None else normalizer)
     raise ValueError(f"aggregation mode must be token_mean or sequence_mean, got {mode!r}")
 
 
@@ -441,10 +510,12 @@ def grpo_loss(
     mask: torch.Tensor,
     clip_eps: float = 0.2,
     aggregation: Aggregation = "token_mean",
+    normalizer: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate -min(ratio A, clip(ratio, 1 - eps, 1 + eps) A), ratio = exp(logp - old_logp).
 
-    `logp`, `old_logp` (detached), `mask` are [B, T]; `advantages` is [B]. Returns `(loss, metrics)`
+    `logp`, `old_logp` (detached), `mask` are [B, T]; `advantages` is [B]; `normalizer` as in
+    `aggregate` (the whole batch's kept tokens or rows, for a micro-batch). Returns `(loss, metrics)`
     with detached 0-d "clip_fraction" (kept tokens where the clip is active: ratio > 1 + eps with A > 0
     or ratio < 1 - eps with A < 0, i.e. the gradient is cut) and "mean_ratio" (over kept tokens).
     """
@@ -455,7 +526,7 @@ def grpo_loss(
     unclipped = ratio * adv  # [B, T]
     clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * adv  # [B, T]
     per_token = -torch.minimum(unclipped, clipped)  # [B, T]
-    loss = aggregate(per_token, mask, aggregation)
+    loss = aggregate(per_token, mask, aggregation, normalizer=normalizer)
     with torch.no_grad():
         cut = ((ratio > 1.0 + clip_eps) & (adv > 0)) | ((ratio < 1.0 - clip_eps) & (adv < 0))  # [B, T]
         metrics = {
@@ -465,7 +536,46 @@ def grpo_loss(
     return loss, metrics
 
 
+# ----------------------------------------------------------------------------
+# Named objectives
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    """A named training objective and the scores it consumes: `sampled_tokens` (student and teacher
+    log-probs of the sampled tokens -> `sgsd_loss`), `divergence` (per-position full-vocabulary
+    divergences -> `divergence_objective`) or `policy` (the policy's own log-probs -> `grpo_loss`)."""
+
+    name: str
+    scores: Literal["sampled_tokens", "divergence", "policy"]
+    description: str
+
+
+OBJECTIVES: dict[str, ObjectiveSpec] = {
+    spec.name: spec
+    for spec in (
+        ObjectiveSpec("gated", "sampled_tokens", "SGSD's bounded gate with outcome-validated polarity (Eqs. 7-16)"),
+        ObjectiveSpec("sampled_rkl", "sampled_tokens", "sampled-token reverse KL with SGSD's polarity and weights"),
+        ObjectiveSpec("forward_kl", "divergence", "full-vocabulary KL(p_T || p_S) (OPSD)"),
+        ObjectiveSpec("reverse_kl", "divergence", "full-vocabulary KL(p_S || p_T)"),
+        ObjectiveSpec("jsd", "divergence", "full-vocabulary generalized JSD(beta)"),
+        ObjectiveSpec("grpo", "policy", "group-relative advantages, clipped surrogate"),
+    )
+}  # fmt: skip
+
+
+def objective_spec(name: str) -> ObjectiveSpec:
+    """The objective called `name`; an unknown name is a ValueError listing the valid ones."""
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}; valid objectives: {', '.join(OBJECTIVES)}")
+    return OBJECTIVES[name]
+
+
 __all__ = [
+    "OBJECTIVES",
+    "ObjectiveSpec",
+    "divergence_objective",
+    "objective_spec",
     "SGSD_TENSOR_METRICS",
     "aggregate",
     "divergence_loss",

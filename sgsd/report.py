@@ -204,7 +204,7 @@ def _smooth(values: Sequence[float], window: int) -> list[float]:
     return out
 
 
-def _setup_matplotlib():
+def setup_matplotlib():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -226,7 +226,7 @@ def plot_accuracy(runs: Sequence[RunData], test_sources: Sequence[str], out_png:
     evaluated = [r for r in runs if len(r.evals) > 1]
     if not evaluated or not test_sources:
         return None
-    plt = _setup_matplotlib()
+    plt = setup_matplotlib()
     panels = [*test_sources, "Average"]
     ncols = min(len(panels), 4)
     nrows = math.ceil(len(panels) / ncols)
@@ -284,7 +284,7 @@ def plot_polarity(runs: Sequence[RunData], out_png: Path, smooth: int = 5) -> Pa
     }
     if not groups:
         return None
-    plt = _setup_matplotlib()
+    plt = setup_matplotlib()
     fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4.2), squeeze=False, sharey=True)
     for ax, (label, group) in zip(axes.flat, groups.items(), strict=True):
         steps = sorted({int(r["step"]) for run in group for r in run.metrics if "step" in r})
@@ -320,7 +320,7 @@ def plot_signals(runs: Sequence[RunData], out_png: Path, smooth: int = 5) -> Pat
             if any(k in row for run in runs for row in run.metrics)]  # fmt: skip
     if not keys:
         return None
-    plt = _setup_matplotlib()
+    plt = setup_matplotlib()
     fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4.2), squeeze=False)
     colours = {label: f"C{i}" for i, label in enumerate(_by_label(runs))}
     styles = ["-", "--", ":", "-."]

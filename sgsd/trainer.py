@@ -1,24 +1,27 @@
 """One method-agnostic training loop: SGSD (Algorithm 1) and the baselines of Section 4.1.
 
-Every optimizer step, read top to bottom:
+Every optimizer step (`Trainer.train_step`), read top to bottom:
 
     sample B problems
-      -> student rollouts y ~ p_S(.|x)          plain prompt, thinking off (grpo: G per prompt;
-                                                grpo_skill / opsd_skill: skills in the student prompt;
-                                                vllm backend: current adapter synced to the engine first)
-      -> verify                                 r = +1 / -1
-      -> build teachers for the method          sgsd: K retrieved skill-mistake pairs, weights alpha_k
-                                                opsd: one teacher that sees the reference answer
-      -> score                                  student log p [B,T] (grad), teachers [B,K,T] (no grad)
-      -> objective                              gated SGSD (Eqs. 7-16), a divergence, or GRPO
-      -> backward                               per micro-batch, scaled so the sum is the batch objective
-      -> optimizer step                         AdamW, gradient clipping, LR schedule
-      -> teacher update                         live / frozen / EMA / periodic
-      -> online bank update every F steps       Alg. 4 over the rollouts of the last F steps
-      -> log, checkpoint every N steps
+      -> student rollouts y ~ p_S(.|x)      plain prompt, thinking off; the method spec decides whether the
+                                            retrieved skills are in it and how many rollouts per prompt
+      -> verify                             r = +1 / -1
+      -> per micro-batch:
+           teachers                         the method's privileged contexts c_k and weights alpha_k
+           score                            what the objective reads (sampled-token log-probs,
+                                            full-vocabulary divergences, or the policy's own log-probs)
+           objective                        gated SGSD (Eqs. 7-16), a divergence, or GRPO, normalised by
+                                            the whole batch so the accumulated gradient is the batch's
+           backward
+      -> optimizer step                     AdamW, gradient clipping, LR schedule (skipped if non-finite)
+      -> evidence                           skill ledger and logged decisions, only for applied steps
+      -> teacher update                     live / frozen / EMA / periodic
+      -> online bank update every F steps   Alg. 4 (methods that evolve the bank)
+      -> log, checkpoint every N steps, evaluate
 
-Methods differ only in how teachers are built and which objective is applied, so comparisons share one
-rollout path, one verifier and one evaluation.
+Methods are data (`sgsd.methods`), objectives are named (`sgsd.objectives.OBJECTIVES`), and the
+teachers of a micro-batch are built in one place (`sgsd.teaching`), so this loop has no per-method
+branches and comparisons share one rollout path, one verifier and one evaluation.
 
 Distributed runs (Accelerate, several processes): each rank takes its share of the step's problems,
 gradients of the trainable parameters are averaged across ranks before the optimizer step, rollout
@@ -38,15 +41,19 @@ from typing import Any
 import torch
 
 from sgsd import checkpoint as ckpt
+from sgsd import objectives as obj
+from sgsd.components import build_policy, build_skills, extraction_generator
 from sgsd.config import Config, config_to_dict, dump_config
+from sgsd.data import held_out_sets, training_problems
 from sgsd.errors import UserError
 from sgsd.faults import maybe_fault
 from sgsd.fileio import append_jsonl, atomic_write_text
+from sgsd.generation import sampling_params
 from sgsd.hostmem import release_freed_memory
-from sgsd.objectives import POLARITY_FRACTIONS
-
-SKILL_METHODS = {"sgsd", "opsd_skill", "grpo_skill"}
-TEACHER_METHODS = {"sgsd", "opsd", "opsd_skill"}
+from sgsd.methods import method_spec
+from sgsd.metrics import MetricMeter, scalars, step_evidence
+from sgsd.prompts import skills_in_prompt, student_prompt
+from sgsd.teaching import MicroBatchLoss
 
 
 @dataclass
@@ -61,18 +68,15 @@ class Rollout:
     finish_reason: str
     reward: float = 0.0  # +1 / -1
     group: int = 0  # index of the prompt (GRPO groups rollouts of the same prompt)
-    pairs: list = field(default_factory=list)  # retrieved skill-mistake pairs (sgsd, *_skill)
+    pairs: list = field(default_factory=list)  # retrieved skill-mistake pairs (methods that retrieve)
 
 
 def _seed_everything(seed: int) -> None:
+    import numpy as np
+
     random.seed(seed)
     torch.manual_seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed % 2**32)
-    except ImportError:  # pragma: no cover
-        pass
+    np.random.seed(seed % 2**32)
 
 
 def _lr_lambda(cfg: Config):
@@ -82,11 +86,7 @@ def _lr_lambda(cfg: Config):
         if warmup and step < warmup:
             return (step + 1) / warmup
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        if kind == "linear":
-            return 1.0 - progress
-        if kind == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        return 1.0
+        return {"linear": 1.0 - progress, "cosine": 0.5 * (1.0 + math.cos(math.pi * progress))}.get(kind, 1.0)
 
     return factor
 
@@ -97,86 +97,46 @@ class Trainer:
     def __init__(self, cfg: Config, run_dir: str | Path, resume: bool = False, accelerator=None):
         from accelerate import Accelerator
 
-        self.cfg = cfg
-        self.method = cfg.train.method
-        self.run_dir = Path(run_dir)
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.spec = method_spec(cfg.train.method)
+        self.objective = obj.objective_spec(self.spec.objective_name(cfg.objective.loss))
         self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
         self.is_main = self.acc.is_main_process
         _seed_everything(cfg.train.seed)
-
-        self._build_data()
-        self._build_skills()  # before the policy: a bad bank file fails fast, before a model load
-        self._build_policy()
-        self._build_optimizer()
-        self.step = 0
-        self._step_evidence: dict = {}  # filled per step by _record_evidence
-        self.train_time_s = 0.0  # seconds spent in training steps (the budget clock)
-        self.last_eval_time_s = 0.0
-        self.last_eval_step = -1
+        self.eval_sets = held_out_sets(cfg.data)
+        self.train_problems = training_problems(cfg.data, self.eval_sets)
+        skills = build_skills(cfg, self.spec)  # before the policy: a bad bank file fails before a model load
+        self.bank, self.retriever, self.ledger, self.evolver = (
+            skills.bank,
+            skills.retriever,
+            skills.ledger,
+            skills.evolver,
+        )
+        policy = build_policy(cfg, self.acc.device)
+        self.model, self.tokenizer, self.teacher, self.generator = (
+            policy.model,
+            policy.tokenizer,
+            policy.teacher,
+            policy.generator,
+        )
+        self.pad_id = self.tokenizer.pad_token_id
+        self._synced_step: int | None = None  # the step whose weights a vllm engine samples with
+        self.loss = MicroBatchLoss(
+            self.spec, self.objective, cfg, self.model, self.tokenizer, self.teacher.scoring
+        )
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        if not self.trainable:
+            raise UserError("the model has no trainable parameters (check model.lora_target_modules)")
+        t = cfg.train
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=t.lr, weight_decay=t.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg))
+        self.step, self.train_time_s, self.last_eval_time_s, self.last_eval_step = 0, 0.0, 0.0, -1
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "config.yaml", dump_config(cfg))
         if resume:
             self._resume()
         self.acc.wait_for_everyone()
-
-    # ------------------------------------------------------------------ setup
-
-    def _build_data(self) -> None:
-        from sgsd.data import decontaminate, load_problems
-
-        d = self.cfg.data
-        self.train_problems = load_problems(d.train_source, size=d.train_size, seed=d.seed, columns=d.columns)
-        # held-out sets use their own loaders' columns (data.columns maps the training file only) and
-        # another generator seed, so generated train and eval problems differ
-        self.eval_sets = {
-            src: load_problems(src, size=d.eval_size, seed=d.seed + 1) for src in d.eval_sources
-        }
-        if d.contamination_guard and self.eval_sets:
-            held_out = [p for probs in self.eval_sets.values() for p in probs]
-            self.train_problems, _dropped = decontaminate(self.train_problems, held_out)  # logs what it drops
-        if not self.train_problems:
-            raise UserError(f"no training problems left from {d.train_source}")
-
-    def _build_policy(self) -> None:
-        from sgsd.generation import HFGenerator, make_generator
-        from sgsd.models import TeacherPolicy, apply_lora, load_policy, resolve_model_path
-
-        m = self.cfg.model
-        if self.cfg.rollout.backend == "vllm" and m.lora_rank == 0:
-            raise UserError(
-                "rollout.backend=vllm syncs the policy into vLLM as a LoRA adapter; "
-                "it needs model.lora_rank > 0 (or use rollout.backend=hf)"
-            )
-        model, self.tokenizer = load_policy(
-            m.name, dtype=m.dtype, cache_dir=m.cache_dir, attn_implementation=m.attn_implementation
-        )
-        model = apply_lora(
-            model,
-            rank=m.lora_rank,
-            alpha=m.lora_alpha,
-            dropout=m.lora_dropout,
-            target_modules=m.lora_target_modules,
-            gradient_checkpointing=m.gradient_checkpointing,
-        )
-        self.model = model.to(self.acc.device)
-        self.pad_id = self.tokenizer.pad_token_id
-        t = self.cfg.teachers
-        self.teacher = TeacherPolicy(
-            self.model, mode=t.mode, ema_decay=t.ema_decay, periodic_every=t.periodic_every
-        )
-        if self.cfg.rollout.backend == "vllm":
-            self.generator = make_generator(
-                "vllm",
-                model_path=resolve_model_path(m.name, m.cache_dir),
-                tokenizer=self.tokenizer,
-                max_lora_rank=m.lora_rank,
-                gpu_memory_utilization=self.cfg.rollout.vllm_gpu_memory_utilization,
-                dtype=m.dtype,
-            )
-        else:
-            self.generator = HFGenerator(self.model, self.tokenizer, batch_size=self.cfg.rollout.batch_size)
-        self._synced_step: int | None = None  # the step whose weights the vllm engine samples with
 
     def _policy_generator(self):
         """The generator, sampling with the current weights. hf samples from the policy itself; a vllm
@@ -186,65 +146,10 @@ class Trainer:
         if self.cfg.rollout.backend == "vllm" and self._synced_step != self.step:
             from sgsd.models import save_adapter
 
-            name = "rollout-adapter" + (
-                f"-rank{self.acc.process_index}" if self.acc.num_processes > 1 else ""
-            )
-            self.generator.sync_adapter(save_adapter(self.model, self.run_dir / name))
+            rank = f"-rank{self.acc.process_index}" if self.acc.num_processes > 1 else ""
+            self.generator.sync_adapter(save_adapter(self.model, self.run_dir / f"rollout-adapter{rank}"))
             self._synced_step = self.step
         return self.generator
-
-    def _build_skills(self) -> None:
-        self.retriever = self.evolver = self.ledger = self.bank = None
-        if self.method not in SKILL_METHODS and not self.cfg.eval.with_skills:
-            return
-        from sgsd.skills.bank import load_bank
-        from sgsd.skills.ledger import SkillLedger
-        from sgsd.skills.retrieval import Embedder, Retriever
-
-        s = self.cfg.skills
-        self.bank = load_bank(s.bank)
-        self.embedder = Embedder(s.embedder, query_instruction=s.query_instruction)
-        self.retriever = Retriever(
-            self.bank,
-            self.embedder,
-            top_k=self.cfg.teachers.count,
-            mode=s.retrieval,
-            weight_temperature=s.weight_temperature,
-            seed=self.cfg.train.seed,
-        )
-        self.ledger = SkillLedger()
-        if s.online_update and self.method == "sgsd":
-            from sgsd.skills.evolve import OnlineEvolver
-
-            self.evolver = OnlineEvolver(
-                update_every=s.update_every,
-                success_threshold=s.success_threshold,
-                max_new=s.max_new,
-                capacity=s.capacity,
-                merge_group_size=s.merge_group_size,
-                merge_patience=s.merge_patience,
-                prune_by_evidence=s.prune_by_evidence,
-                max_new_tokens=s.extractor_max_new_tokens,
-                enable_thinking=s.extractor_enable_thinking,
-                group_embedder=self.embedder if s.merge_group_by_similarity else None,
-            )
-
-    def _build_optimizer(self) -> None:
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if not params:
-            raise UserError("the model has no trainable parameters (check model.lora_target_modules)")
-        self.trainable = params
-        t = self.cfg.train
-        self.optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(self.cfg))
-
-    def _extraction_generator(self):
-        s = self.cfg.skills
-        if s.extractor == "openai":
-            from sgsd.generation import OpenAIChatGenerator
-
-            return OpenAIChatGenerator(model=s.extractor_model, base_url=s.extractor_base_url)
-        return self._policy_generator()
 
     # ------------------------------------------------------------------ the loop
 
@@ -257,47 +162,20 @@ class Trainer:
         if self.step == 0 and self._wants_eval() and t.eval_at_start:
             self.evaluate(step=0)
         bar = tqdm(
-            total=t.steps, initial=self.step, desc=self.method, disable=not (t.progress and self.is_main)
+            total=t.steps, initial=self.step, desc=self.spec.name, disable=not (t.progress and self.is_main)
         )
         writer = self._tensorboard()
         while self.step < t.steps:
-            over_budget = bool(t.time_budget_s) and self.train_time_s >= t.time_budget_s
-            if self._all_ranks_any(over_budget):  # every rank stops at the same step
+            if self._all_ranks_any(bool(t.time_budget_s) and self.train_time_s >= t.time_budget_s):
                 if self.is_main:
                     print(f"time budget of {t.time_budget_s:.0f} s reached at step {self.step}")
                 if self.step % t.save_every:
                     self.save_checkpoint()
                 break
-            started = time.time()
-            problems = self._sample_problems(self.step)
-            rollouts = self._rollouts(problems, self.step)
-            t_rollout = time.time()
-            self._verify(rollouts)
-            t_verify = time.time()
-            metrics = self._optimize(rollouts)
-            t_optimize = time.time()
-            self.step += 1
-            self.teacher.after_step(self.step)
-            metrics.update(self._maybe_evolve_bank(rollouts))
-            step_time = time.time() - started
-            metrics.update(  # where the step's time went
-                rollout_s=round(t_rollout - started, 3),
-                verify_s=round(t_verify - t_rollout, 3),
-                score_and_backward_s=round(t_optimize - t_verify, 3),
-                bank_s=round(time.time() - t_optimize, 3),
-            )
-            self.train_time_s += step_time
-            metrics.update(
-                step=self.step,
-                time_s=round(step_time, 3),
-                train_time_s=round(self.train_time_s, 3),
-                lr=self.scheduler.get_last_lr()[0],
-            )
-            maybe_fault("after_step", self.step)  # test-only kill point (sgsd/faults.py)
-            self._log(metrics, writer)
+            last = self.train_step()
+            self._log(last, writer)
             bar.update(1)
-            bar.set_postfix(self._postfix(metrics))
-            last = metrics
+            bar.set_postfix(self._postfix(last))
             if self.step % t.save_every == 0 or self.step == t.steps:
                 self.save_checkpoint()
             due_by_steps = t.eval_every and self.step % t.eval_every == 0
@@ -311,16 +189,44 @@ class Trainer:
             self.evaluate(step=self.step)
         return last
 
-    # ------------------------------------------------------------------ 1. problems
+    def train_step(self) -> dict:
+        """One optimizer step of Algorithm 1; returns its metrics row."""
+        started = time.time()
+        rollouts = self._rollouts(self._sample_problems(self.step))  # y ~ p_S(.|x)
+        t_rollout = time.time()
+        self._verify(rollouts)  # r = +1 / -1
+        t_verify = time.time()
+        metrics, evidence = self.accumulate_gradients(rollouts)  # teachers, score, objective, backward
+        if self._apply_update(metrics):  # clip, AdamW step; a non-finite step changes nothing
+            metrics.update(self._commit_evidence(evidence))
+        t_optimize = time.time()
+        self.step += 1
+        self.teacher.after_step(self.step)
+        metrics.update(self._maybe_evolve_bank(rollouts))
+        step_time = time.time() - started
+        self.train_time_s += step_time
+        maybe_fault("after_step", self.step)  # test-only kill point (sgsd/faults.py)
+        return dict(
+            metrics,
+            rollout_s=round(t_rollout - started, 3),  # where the step's time went
+            verify_s=round(t_verify - t_rollout, 3),
+            score_and_backward_s=round(t_optimize - t_verify, 3),
+            bank_s=round(time.time() - t_optimize, 3),
+            step=self.step,
+            time_s=round(step_time, 3),
+            train_time_s=round(self.train_time_s, 3),
+            lr=self.scheduler.get_last_lr()[0],
+        )
+
+    # ------------------------------------------------------------------ problems and rollouts
 
     def _sample_problems(self, step: int) -> list:
         """This rank's problems for `step`: a seeded permutation per epoch, sliced per step and rank, so
         a resumed run sees exactly the problems an uninterrupted one would."""
         b, n = self.cfg.train.batch_size, len(self.train_problems)
-        start = step * b
         orders: dict[int, list[int]] = {}  # one seeded permutation per epoch this step touches
         picked = []
-        for i in range(start, start + b):
+        for i in range(step * b, (step + 1) * b):
             epoch, pos = divmod(i, n)
             if epoch not in orders:
                 orders[epoch] = list(range(n))
@@ -328,350 +234,103 @@ class Trainer:
             picked.append(self.train_problems[orders[epoch][pos]])
         return picked[self.acc.process_index :: self.acc.num_processes]
 
-    # ------------------------------------------------------------------ 2. rollouts
-
-    def _student_text(self, problem, pairs) -> str:
-        from sgsd.prompts import skills_in_prompt, student_prompt
-
-        if self.method in ("grpo_skill", "opsd_skill") and pairs:
-            return skills_in_prompt(problem.question, pairs)
-        return student_prompt(problem.question)
-
-    def _rollouts(self, problems: list, step: int) -> list[Rollout]:
-        from sgsd.generation import SamplingParams
-
+    def _rollouts(self, problems: list) -> list[Rollout]:
         r = self.cfg.rollout
-        pairs = self._retrieve(problems)
-        texts = [self._student_text(p, pp) for p, pp in zip(problems, pairs)]
-        params = SamplingParams(
-            temperature=r.temperature,
-            top_p=r.top_p,
-            top_k=r.top_k,
-            max_new_tokens=r.max_new_tokens,
-            n=r.num_generations,
-            seed=self._step_seed(step),
-        )
+        questions = [p.question for p in problems]
+        pairs = self.retriever.retrieve_batch(questions) if self.spec.retrieves else [[] for _ in problems]
+        texts = [
+            skills_in_prompt(q, pp) if self.spec.student_sees_skills and pp else student_prompt(q)
+            for q, pp in zip(questions, pairs)
+        ]
+        seed = self.cfg.train.seed * 7919 + self.step * 104_729 + self.acc.process_index
+        params = sampling_params(r, n=r.num_generations, seed=seed)
         outputs = self._policy_generator().generate(texts, params, enable_thinking=r.enable_thinking)
-        rollouts = []
-        for i, (problem, text, samples, pp) in enumerate(zip(problems, texts, outputs, pairs)):
-            for c in samples:
-                rollouts.append(
-                    Rollout(
-                        problem,
-                        text,
-                        list(c.prompt_ids),
-                        list(c.token_ids),
-                        c.text,
-                        c.finish_reason,
-                        group=i,
-                        pairs=pp,
-                    )
-                )
-        return rollouts
-
-    def _step_seed(self, step: int) -> int:
-        return self.cfg.train.seed * 7919 + step * 104_729 + self.acc.process_index
-
-    def _retrieve(self, problems: list) -> list[list]:
-        if self.retriever is None or self.method not in SKILL_METHODS:
-            return [[] for _ in problems]
-        return self.retriever.retrieve_batch([p.question for p in problems])
-
-    # ------------------------------------------------------------------ 3. verify
+        return [
+            Rollout(
+                problem,
+                text,
+                list(c.prompt_ids),
+                list(c.token_ids),
+                c.text,
+                c.finish_reason,
+                group=i,
+                pairs=pp,
+            )
+            for i, (problem, text, samples, pp) in enumerate(zip(problems, texts, outputs, pairs))
+            for c in samples
+        ]
 
     def _verify(self, rollouts: list[Rollout]) -> None:
         from sgsd.verifier import grade_many
 
         v = self.cfg.verifier
-        results = grade_many(
-            [(r.completion_text, r.problem.answer) for r in rollouts],
-            timeout_s=v.timeout_s,
-            workers=v.workers,
-        )
-        for r, res in zip(rollouts, results):
+        pairs = [(r.completion_text, r.problem.answer) for r in rollouts]
+        for r, res in zip(rollouts, grade_many(pairs, timeout_s=v.timeout_s, workers=v.workers)):
             r.reward = 1.0 if res.correct else -1.0
 
-    # ------------------------------------------------------------------ 4-7. teachers, score, objective, step
+    # ------------------------------------------------------------------ gradients and the update
 
-    def _optimize(self, rollouts: list[Rollout]) -> dict:
-        """Score, compute the objective per micro-batch, backward, average gradients, step."""
-        from sgsd.metrics import MetricMeter
-
+    def accumulate_gradients(self, rollouts: list[Rollout]) -> tuple[dict, list[dict]]:
+        """Backward of the batch objective over micro-batches (gradients accumulate in `.grad`); returns
+        the step's metrics and each micro-batch's evidence. Stops at the first non-finite loss."""
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        meter = MetricMeter()
-        self._step_evidence = {}  # per-decision support and Delta histogram (SGSD-style methods)
-        units = self._normalizer(rollouts)
-        mb = self.cfg.train.micro_batch_size * (
-            self.cfg.rollout.num_generations if self.method.startswith("grpo") else 1
-        )
-        batch_loss, nonfinite = 0.0, False
-        for start in range(0, len(rollouts), mb):
-            chunk = rollouts[start : start + mb]
-            loss, metrics = self._micro_batch_loss(chunk, units)
+        meter, evidence, batch_loss = MetricMeter(), [], 0.0
+        group = self.cfg.rollout.num_generations if self.spec.grouped else 1  # GRPO: whole groups
+        size = self.cfg.train.micro_batch_size * group
+        normalizer = self.loss.normalizer(rollouts)
+        nonfinite = False
+        for start in range(0, len(rollouts), size):
+            chunk = rollouts[start : start + size]
+            loss, metrics, seen = self.loss(chunk, normalizer)
             if not torch.isfinite(loss):
                 nonfinite = True  # nothing of this step may reach the weights
                 break
             loss.backward()
             batch_loss += float(loss.detach())
-            meter.add(metrics, weight=len(chunk))
+            meter.add(scalars(metrics), weight=len(chunk))
+            evidence += [seen] if seen else []
         rewards = torch.tensor([r.reward for r in rollouts], dtype=torch.float32)
-        stats = meter.mean()
-        stats["loss"] = batch_loss
-        skip = self._all_ranks_any(nonfinite)
-        grad_norm = self._sync_and_clip()
-        if skip or not math.isfinite(grad_norm):
-            self.optimizer.zero_grad(set_to_none=True)
-            stats["skipped_step"] = 1.0
-            if self.is_main:
-                print(f"step {self.step + 1}: non-finite loss or gradient, step skipped")
-        else:
-            self.optimizer.step()
-            self.scheduler.step()  # a skipped step does not advance the schedule
-            stats["skipped_step"] = 0.0
-        self.optimizer.zero_grad(set_to_none=True)
-        release_freed_memory()  # glibc keeps the step's freed temporaries resident otherwise (sgsd.hostmem)
-        stats.update(
+        n = max(1, len(rollouts))
+        stats = dict(
+            meter.mean(),
+            loss=batch_loss,
+            nonfinite=nonfinite,
             reward_mean=float(rewards.mean()),
             accuracy=float((rewards > 0).float().mean()),
-            grad_norm=float(grad_norm),
-            completion_tokens=sum(len(r.completion_ids) for r in rollouts) / max(1, len(rollouts)),
-            truncated_fraction=sum(r.finish_reason == "length" for r in rollouts) / max(1, len(rollouts)),
+            completion_tokens=sum(len(r.completion_ids) for r in rollouts) / n,
+            truncated_fraction=sum(r.finish_reason == "length" for r in rollouts) / n,
         )
-        stats.update(self._step_evidence)
-        return stats
+        return stats, evidence
 
-    def _normalizer(self, rollouts: list[Rollout]) -> float:
-        """Units the batch objective is averaged over: problems (SGSD/OPSD) or, for GRPO token_mean, the
-        completion tokens of the whole batch. Each micro-batch's loss is a sum over its units divided by
-        this number, so accumulated gradients equal those of the full-batch objective."""
-        if self.method.startswith("grpo") and self.cfg.objective.grpo_aggregation == "token_mean":
-            return float(max(1, sum(len(r.completion_ids) for r in rollouts)))
-        return float(max(1, len(rollouts)))
-
-    def _micro_batch_loss(self, chunk: list[Rollout], units: float) -> tuple[torch.Tensor, dict]:
-        if self.method.startswith("grpo"):
-            return self._grpo_loss(chunk, units)
-        return self._distillation_loss(chunk, units)
-
-    def _completion_ids(self, chunk: list[Rollout]) -> list[list[int]]:
-        return [r.completion_ids if r.completion_ids else [self.pad_id] for r in chunk]
-
-    def _token_mask(self, completion_ids, valid):
-        from sgsd.scoring import completion_token_mask
-
-        if self.cfg.objective.token_mask:
-            return completion_token_mask(self.tokenizer, completion_ids, valid)
-        return valid
-
-    def _teacher_texts(self, r: Rollout) -> tuple[list[str], list[float]]:
-        """Teacher contexts c_k and their retrieval scores for one rollout."""
-        from sgsd.prompts import teacher_prompt
-
-        answer = r.problem.answer if (self.cfg.teachers.include_answer or self.method != "sgsd") else None
-        if self.method == "sgsd":
-            pairs = r.pairs[: self.cfg.teachers.count]
-            return [teacher_prompt(r.problem.question, p.skill, p.mistake, answer=answer) for p in pairs], [
-                p.score for p in pairs
-            ]
-        if self.method == "opsd_skill":
-            from sgsd.prompts import skills_in_prompt
-
-            return [skills_in_prompt(r.problem.question, r.pairs, answer=answer)], [0.0]
-        return [teacher_prompt(r.problem.question, answer=answer)], [0.0]  # opsd: the reference answer
-
-    def _distillation_loss(self, chunk: list[Rollout], units: float) -> tuple[torch.Tensor, dict]:
-        from sgsd import objectives as obj
-        from sgsd.scoring import (
-            score_student,
-            score_teachers,
-            score_topk_support,
-            teacher_prompt_ids,
-        )
-
-        o, t = self.cfg.objective, self.cfg.teachers
-        device = self.acc.device
-        completion_ids = self._completion_ids(chunk)
-        texts, scores = zip(*(self._teacher_texts(r) for r in chunk))
-        k_max = max(1, max(len(x) for x in texts))
-        teacher_ids = [
-            teacher_prompt_ids(
-                self.tokenizer,
-                list(x),
-                student_enable_thinking=self.cfg.rollout.enable_thinking,
-                teacher_enable_thinking=t.enable_thinking,
-            )
-            for x in texts
-        ]
-        retrieval = torch.zeros(len(chunk), k_max, device=device)  # [B, K]
-        for b, s in enumerate(scores):
-            retrieval[b, : len(s)] = torch.tensor(s, dtype=torch.float32)
-        reward = torch.tensor([r.reward for r in chunk], device=device)  # [B]
-        student_prompts = [r.prompt_ids for r in chunk]
-
-        if o.loss in ("reverse_kl", "forward_kl", "jsd"):
-            return self._divergence_loss(
-                chunk, units, student_prompts, teacher_ids, completion_ids, retrieval, reward
-            )
-
-        if o.support == "topk":  # Section 4.5: teacher top-K + sampled token, renormalised per teacher
-            student_logp, teacher_logp, teacher_mask = score_topk_support(
-                self.model,
-                student_prompts,
-                teacher_ids,
-                completion_ids,
-                self.pad_id,
-                k=o.support_top_k,
-                chunk_rows=t.chunk_rows,
-                chunk_size=o.position_chunk,
-                teacher_context=self.teacher.scoring,
-            )  # [B, K, T] with grad, [B, K, T], [B, K]
-            valid = None
-        else:
-            with self.teacher.scoring():
-                teacher_logp, teacher_mask = score_teachers(
-                    self.model,
-                    teacher_ids,
-                    completion_ids,
-                    self.pad_id,
-                    chunk_rows=t.chunk_rows,
-                    chunk_size=o.position_chunk,
-                )  # [B, K, T], [B, K]  no grad, teacher weights (live / frozen / EMA / periodic)
-            release_freed_memory()  # the teacher forwards' temporaries, before the student's activations
-            student_logp, valid = score_student(
-                self.model, student_prompts, completion_ids, self.pad_id, chunk_size=o.position_chunk
-            )  # [B, T]  one forward with grad, broadcast over the K teachers
-        valid = valid if valid is not None else self._valid(completion_ids, device)
-        mask = self._token_mask(completion_ids, valid)  # [B, T]
-        loss, metrics = obj.sgsd_loss(
-            student_logp,
-            teacher_logp,
-            mask=mask,
-            reward=reward,
-            retrieval_scores=retrieval / self.cfg.skills.weight_temperature,  # Eq. 6 with a temperature
-            teacher_mask=teacher_mask,
-            tau=o.tau,
-            clip=o.clip,
-            threshold=o.threshold,
-            eps=o.eps,
-            use_polarity=o.use_polarity and self.method == "sgsd",
-        )
-        if (
-            o.loss == "sampled_rkl"
-        ):  # same polarity and weights, sampled-token reverse-KL gradient per teacher
-            loss = _polarity_weighted_sampled_rkl(student_logp, teacher_logp, mask, metrics, o.eps)
-        self._record_evidence(chunk, student_logp, teacher_logp, mask, teacher_mask, metrics)
-        # sgsd_loss averages over the micro-batch's problems; rescale to the batch objective
-        return loss * (len(chunk) / units), _scalars(metrics)
-
-    def _divergence_loss(self, chunk, units, student_prompts, teacher_ids, completion_ids, retrieval, reward):
-        """Full-vocabulary divergences (OPSD and Fig. 3(c)): mean over problems of sum_k alpha_k D_k, with
-        D_k the masked token mean of the divergence between the student and teacher k. A divergence has
-        no sign to validate, so polarity does not apply. With K teachers the student rows are repeated
-        once per teacher (memory grows K-fold; used by the Fig. 3(c) ablation only)."""
-        from sgsd import objectives as obj
-        from sgsd.scoring import score_divergence
-
-        o = self.cfg.objective
-        rows_s, rows_t, rows_c, owner = [], [], [], []
-        for b, tids in enumerate(teacher_ids):
-            for tid in tids:
-                rows_s.append(student_prompts[b])
-                rows_t.append(tid)
-                rows_c.append(completion_ids[b])
-                owner.append(b)
-        per_token, valid = score_divergence(
-            self.model,
-            rows_s,
-            rows_t,
-            rows_c,
-            self.pad_id,
-            kind=o.loss,
-            beta=o.jsd_beta,
-            chunk_size=o.position_chunk,
-            teacher_context=self.teacher.scoring,
-        )  # [R, T]
-        mask = self._token_mask(rows_c, valid).float()
-        per_row = (per_token * mask).sum(-1) / (mask.sum(-1) + o.eps)  # [R]
-        owner_t = torch.tensor(owner, device=per_row.device)
-        teacher_mask = torch.zeros_like(retrieval, dtype=torch.bool)
-        counts = [len(t) for t in teacher_ids]
-        for b, c in enumerate(counts):
-            teacher_mask[b, :c] = True
-        weights = obj.teacher_weights(retrieval, teacher_mask)  # [B, K]
-        flat_w = weights[teacher_mask]  # [R] in row order
-        per_problem = torch.zeros(len(chunk), device=per_row.device).index_add(0, owner_t, flat_w * per_row)
-        loss = per_problem.sum() / units
-        return loss, {"divergence": float(per_row.detach().mean()), "kept_token_fraction": float(mask.mean())}
-
-    def _grpo_loss(self, chunk: list[Rollout], units: float) -> tuple[torch.Tensor, dict]:
-        from sgsd import objectives as obj
-        from sgsd.scoring import score_student
-
-        o, device = self.cfg.objective, self.acc.device
-        completion_ids = self._completion_ids(chunk)
-        logp, valid = score_student(
-            self.model,
-            [r.prompt_ids for r in chunk],
-            completion_ids,
-            self.pad_id,
-            chunk_size=o.position_chunk,
-        )  # [G*P, T]
-        group_size = self.cfg.rollout.num_generations
-        rewards = torch.tensor([r.reward for r in chunk], device=device)
-        adv = obj.group_advantages(rewards, group_size=group_size, scale=o.grpo_scale_rewards)  # [G*P]
-        mask = self._token_mask(completion_ids, valid)
-        loss, metrics = obj.grpo_loss(
-            logp, logp.detach(), adv, mask, clip_eps=o.grpo_clip, aggregation=o.grpo_aggregation
-        )
-        if o.grpo_aggregation == "token_mean":
-            scale = float(mask.sum()) / units
-        else:
-            scale = len(chunk) / units
-        metrics = dict(_scalars(metrics), advantage_abs_mean=float(adv.abs().mean()))
-        return loss * scale, metrics
-
-    def _valid(self, completion_ids, device):
-        t = max(len(c) for c in completion_ids)
-        valid = torch.zeros(len(completion_ids), t, dtype=torch.bool, device=device)
-        for i, c in enumerate(completion_ids):
-            valid[i, : len(c)] = True
-        return valid
-
-    def _record_evidence(self, chunk, student_logp, teacher_logp, mask, teacher_mask, metrics) -> None:
-        """Per micro-batch of an SGSD-style objective: feed the skill ledger, and keep this step's raw
-        evidence for diagnosis: one [robust support, rho, reward] per valid (rollout, teacher) and a
-        histogram of the per-token gaps Delta_t over kept tokens of valid teachers (bins
-        `sgsd.metrics.DELTA_EDGES`), logged with the step as `decisions` and `delta_hist`."""
-        from sgsd.metrics import delta_histogram
-
-        support, rho, valid = metrics["support"].cpu(), metrics["rho"].cpu(), teacher_mask.cpu()  # [B, K]
-        if self.ledger is not None:
-            for b, r in enumerate(chunk):
-                k = len(r.pairs[: self.cfg.teachers.count])
-                if k:
-                    self.ledger.record(r.pairs[:k], support[b, :k].tolist(), rho[b, :k].tolist(), r.reward)
-        student = _per_teacher_view(student_logp)  # [B, K|1, T]
-        delta = teacher_logp.detach() - student.detach()  # [B, K, T]
-        keep = mask.unsqueeze(1) & teacher_mask.unsqueeze(-1)  # [B, K, T]
-        counts = delta_histogram(delta, keep)
-        seen = self._step_evidence.setdefault("delta_hist", [0] * len(counts))
-        self._step_evidence["delta_hist"] = [a + b for a, b in zip(seen, counts)]
-        rows = self._step_evidence.setdefault("decisions", [])
-        for b, r in enumerate(chunk):
-            for k in range(valid.shape[1]):
-                if valid[b, k]:
-                    rows.append([round(float(support[b, k]), 5), round(float(rho[b, k]), 4), r.reward])
-
-    def _sync_and_clip(self) -> float:
-        """Average gradients of the trainable parameters across ranks, then clip by global norm."""
+    def _apply_update(self, stats: dict) -> bool:
+        """Average gradients across ranks, clip, and step the optimizer and schedule unless the loss or
+        gradient is non-finite on any rank. Returns whether the update was applied."""
+        skip = self._all_ranks_any(stats.pop("nonfinite"))
         if self.acc.num_processes > 1:
             for p in self.trainable:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                p.grad = self.acc.reduce(p.grad, reduction="mean")
-        max_norm = self.cfg.train.max_grad_norm or float("inf")
-        return float(torch.nn.utils.clip_grad_norm_(self.trainable, max_norm))
+                p.grad = self.acc.reduce(
+                    p.grad if p.grad is not None else torch.zeros_like(p), reduction="mean"
+                )
+        grad_norm = float(
+            torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.train.max_grad_norm or math.inf)
+        )
+        applied = not skip and math.isfinite(grad_norm)
+        if applied:
+            self.optimizer.step()
+            self.scheduler.step()  # a skipped step does not advance the schedule
+        elif self.is_main:
+            print(f"step {self.step + 1}: non-finite loss or gradient, step skipped")
+        self.optimizer.zero_grad(set_to_none=True)
+        release_freed_memory()  # glibc keeps the step's freed temporaries resident otherwise (sgsd.hostmem)
+        stats.update(grad_norm=grad_norm, skipped_step=0.0 if applied else 1.0)
+        return applied
+
+    def _commit_evidence(self, evidence: list[dict]) -> dict:
+        """After an applied update: credit the skill ledger, and return the step's evidence to log."""
+        for pairs, support, rho, reward in [e for part in evidence for e in part["ledger"]]:
+            self.ledger.record(pairs, support, rho, reward)
+        return step_evidence(evidence)
 
     def _all_ranks_any(self, flag: bool) -> bool:
         if self.acc.num_processes == 1:
@@ -679,7 +338,7 @@ class Trainer:
         t = torch.tensor([1.0 if flag else 0.0], device=self.acc.device)
         return bool(self.acc.reduce(t, reduction="sum").item() > 0)
 
-    # ------------------------------------------------------------------ 9. online bank update
+    # ------------------------------------------------------------------ online bank update
 
     def _maybe_evolve_bank(self, rollouts: list[Rollout]) -> dict:
         if self.evolver is None:
@@ -703,9 +362,8 @@ class Trainer:
             return {}
         payload = [None]
         if self.is_main:
-            bank, report = self.evolver.maybe_update(
-                self.step, self.bank, self._extraction_generator(), ledger=self.ledger
-            )
+            extractor = extraction_generator(self.cfg, self._policy_generator())
+            bank, report = self.evolver.maybe_update(self.step, self.bank, extractor, ledger=self.ledger)
             maybe_fault("bank_update", self.step)  # test-only kill point (sgsd/faults.py)
             if report.get("updated"):
                 bank.save_snapshot(self.run_dir / "bank", self.step)
@@ -718,15 +376,13 @@ class Trainer:
             self.retriever.set_bank(bank)
         return {f"bank_{k}": v for k, v in report.items() if isinstance(v, (int, float, bool))}
 
-    # ------------------------------------------------------------------ 10. logging, checkpoints, eval
+    # ------------------------------------------------------------------ logging, checkpoints, eval
 
     def _tensorboard(self):
         if not (self.cfg.train.tensorboard and self.is_main):
             return None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # pragma: no cover
-            return None
+        from torch.utils.tensorboard import SummaryWriter
+
         return SummaryWriter(str(self.run_dir / "tensorboard"))
 
     def _log(self, metrics: dict, writer) -> None:
@@ -742,8 +398,8 @@ class Trainer:
     @staticmethod
     def _postfix(m: dict) -> dict:
         out = {"reward": f"{m.get('reward_mean', 0):+.2f}", "loss": f"{m.get('loss', 0):.4f}"}
-        if POLARITY_FRACTIONS[0] in m:
-            out["pol(h/w/m/o/n)"] = "/".join(f"{m.get(k, 0):.2f}" for k in POLARITY_FRACTIONS)
+        if obj.POLARITY_FRACTIONS[0] in m:
+            out["pol(h/w/m/o/n)"] = "/".join(f"{m.get(k, 0):.2f}" for k in obj.POLARITY_FRACTIONS)
         return out
 
     def save_checkpoint(self) -> Path | None:
@@ -783,9 +439,8 @@ class Trainer:
             self.retriever.set_bank(self.bank)
         if state.get("ledger") is not None and self.ledger is not None:
             self.ledger = state["ledger"]
-        rows = _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
-        self.train_time_s = float(rows[-1].get("train_time_s", 0.0)) if rows else 0.0
-        self.last_eval_time_s = self.train_time_s
+        rows = ckpt.truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+        self.train_time_s = self.last_eval_time_s = float(rows[-1].get("train_time_s", 0.0)) if rows else 0.0
         if self.is_main:
             print(f"resumed from step {self.step}")
 
@@ -794,25 +449,20 @@ class Trainer:
 
     def evaluate(self, step: int) -> dict:
         """Held-out avg@k with the current weights; written to RUN/eval/step-XXXXXX/ (main process)."""
-        self.last_eval_time_s = self.train_time_s
-        self.last_eval_step = step
+        self.last_eval_time_s, self.last_eval_step = self.train_time_s, step
         if not self.is_main:
             self.acc.wait_for_everyone()
             return {}
-        from sgsd.evaluate import evaluate_sources
+        from sgsd.evaluate import eval_seed, evaluate_sources
 
         e = self.cfg.eval
         summary = evaluate_sources(
             self._policy_generator(),
             self.eval_sets,
             out_dir=self.run_dir / "eval" / f"step-{step:06d}",
-            k=e.k,
-            temperature=e.temperature,
-            top_p=e.top_p,
-            top_k=e.top_k,
-            max_new_tokens=e.max_new_tokens,
+            params=sampling_params(e, n=e.k),
             enable_thinking=e.enable_thinking,
-            seed=self.cfg.train.seed + 17,
+            seed=eval_seed(self.cfg.train.seed),
             retriever=self.retriever if e.with_skills else None,
             verifier_timeout_s=self.cfg.verifier.timeout_s,
             verifier_workers=self.cfg.verifier.workers,
@@ -826,44 +476,6 @@ class Trainer:
         print(f"eval step {step}: {line}")
         self.acc.wait_for_everyone()
         return summary
-
-
-def _per_teacher_view(student_logp: torch.Tensor) -> torch.Tensor:
-    """Student log-probs `[B, T]` (one score for all teachers) or `[B, K, T]` (top-K support: one per
-    teacher) as `[B, K|1, T]`, to broadcast against teacher log-probs `[B, K, T]`."""
-    return student_logp if student_logp.dim() == 3 else student_logp.unsqueeze(1)
-
-
-def _polarity_weighted_sampled_rkl(student_logp, teacher_logp, mask, metrics, eps) -> torch.Tensor:
-    """mean_b sum_k alpha_k rho_k * (-masked mean_t stopgrad(Delta_t) * log p_S(y_t)) (Fig. 3(c) option)."""
-    student = _per_teacher_view(student_logp)  # [B, K|1, T]
-    m = mask.float().unsqueeze(1)  # [B, 1, T]
-    delta = torch.where(m > 0, teacher_logp.detach() - student.detach(), 0.0)  # [B, K, T]
-    per_teacher = -(delta * student * m).sum(-1) / (m.sum(-1) + eps)  # [B, K]
-    return (metrics["weights"] * metrics["rho"] * per_teacher).sum(-1).mean()
-
-
-def _scalars(metrics: dict) -> dict:
-    """Keep the loggable scalars of an objective's metrics (drop per-teacher tensors)."""
-    out = {}
-    for k, v in metrics.items():
-        if isinstance(v, torch.Tensor):
-            if v.dim() == 0:
-                out[k] = float(v)
-        elif isinstance(v, (int, float)):
-            out[k] = float(v)
-    return out
-
-
-def _truncate_metrics(path: Path, step: int) -> list[dict]:
-    """On resume, drop metric rows logged after the checkpoint (they will be produced again)."""
-    if not path.exists():
-        return []
-    from sgsd.fileio import atomic_write_jsonl, read_jsonl
-
-    rows = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
-    atomic_write_jsonl(path, rows)
-    return rows
 
 
 def default_run_dir(cfg: Config) -> Path:

@@ -6,9 +6,9 @@ import json
 import sys
 from pathlib import Path
 
-import sgsd.verifier as verifier
 import torch
 
+import sgsd.verifier as verifier
 from sgsd.config import load_config
 from sgsd.configs import resolve_config_path
 from sgsd.trainer import Trainer

@@ -413,14 +413,13 @@ def test_evaluate_sources_writes_layout_for_the_trainer(tmp_path, monkeypatch):
     import sgsd.evaluate as evaluate_mod
     from sgsd.evaluate import evaluate_sources
 
-    _patch_module(monkeypatch, "sgsd.generation", SamplingParams=FakeParams)
     monkeypatch.setattr(evaluate_mod, "_student_prompt", prompt)
     gen = ScriptGenerator({"ten": ["\\boxed{10}", "\\boxed{1}"]})
     out = tmp_path / "eval" / "step-000000"
+    params = FakeParams(temperature=1.0, top_p=0.95, top_k=0, max_new_tokens=16, n=2)
     summary = evaluate_sources(
-        gen, {"reasoning_gym:chain_sum": [FakeProblem("a", "ten", "10")]}, out, k=2,
-        temperature=1.0, top_p=0.95, top_k=0, max_new_tokens=16, enable_thinking=True, seed=3, step=0,
-        grade_fn=fake_grade,
+        gen, {"reasoning_gym:chain_sum": [FakeProblem("a", "ten", "10")]}, out, params=params,
+        enable_thinking=True, seed=3, step=0, grade_fn=fake_grade,
     )  # fmt: skip
     assert summary["step"] == 0 and summary["checkpoint"] == "base"
     assert summary["results"]["reasoning_gym-chain_sum"]["avg@k"] == pytest.approx(0.5)  # 1 of 2

@@ -26,11 +26,13 @@ from sgsd.objectives import (
     SGSD_TENSOR_METRICS,
     aggregate,
     divergence_loss,
+    divergence_objective,
     forward_kl,
     gated_loss,
     generalized_jsd,
     group_advantages,
     grpo_loss,
+    objective_spec,
     polarity,
     reverse_kl,
     robust_support,
@@ -301,7 +303,8 @@ def test_sgsd_loss_by_hand():
     assert metrics["mean_rho"].item() == 0.0  # (1 - 1) / 2
     for key, value in metrics.items():
         assert not value.requires_grad, key
-        assert value.dim() == (2 if key in SGSD_TENSOR_METRICS else 0), key
+        per_token = key in ("delta", "live")  # [B, K, T]; other tensor metrics are [B, K]
+        assert value.dim() == (3 if per_token else 2 if key in SGSD_TENSOR_METRICS else 0), key
 
 
 def test_failed_rollout_table2_metrics():
@@ -695,3 +698,95 @@ def test_sgsd_loss_accepts_per_teacher_student_logprobs():
     assert local.item() == pytest.approx(flat.item(), rel=1e-6)
     local.backward()
     assert (per_teacher.grad.abs().sum(-1) > 0).all()
+
+
+# ----------------------------------------------------------------------------
+# Objective options used by the trainer: precomputed weights, sampled-token term, global normaliser
+
+
+def test_sgsd_loss_reports_the_gaps_it_used():
+    _, metrics, _, _ = hand_example()
+    assert metrics["delta"].tolist() == [[[1.0, 1.0], [-2.0, 0.0]]]  # Eq. 7, teacher - student
+    assert metrics["live"].tolist() == [[[True, True], [True, True]]]
+
+
+def test_sgsd_loss_with_precomputed_weights_equals_scores():
+    student = torch.tensor([[-1.0, -2.0]])
+    teacher = torch.tensor([[[0.0, -1.0], [-3.0, -2.0]]])
+    valid = torch.ones(1, 2, dtype=torch.bool)
+    args = (student, teacher, torch.ones(1, 2), torch.tensor([1.0]))
+    by_scores, _ = sgsd_loss(*args, torch.tensor([[0.0, math.log(3.0)]]), valid)
+    by_weights, m = sgsd_loss(*args, None, valid, weights=torch.tensor([[0.25, 0.75]]))
+    assert by_weights.item() == pytest.approx(by_scores.item(), **APPROX)
+    assert_close(m["weights"], [[0.25, 0.75]])
+
+
+def test_sgsd_loss_sampled_rkl_term_by_hand():
+    # hand_example gaps: teacher 0 [1, 1] (rho +1, alpha 0.25), teacher 1 [-2, 0] (rho -1, alpha 0.75);
+    # student log-probs [-1, -2]. Term per teacher: -mean_t Delta_t * log p_S(y_t):
+    #   teacher 0: -(1 * -1 + 1 * -2) / 2 = 1.5;  teacher 1: -(-2 * -1 + 0 * -2) / 2 = -1.0
+    # L = 0.25 * 1 * 1.5 + 0.75 * (-1) * (-1.0) = 0.375 + 0.75 = 1.125
+    student = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    teacher = torch.tensor([[[0.0, -1.0], [-3.0, -2.0]]])
+    loss, _ = sgsd_loss(student, teacher, torch.ones(1, 2), torch.tensor([1.0]),
+                        torch.tensor([[0.0, math.log(3.0)]]), torch.ones(1, 2, dtype=torch.bool),
+                        teacher_term="sampled_rkl")  # fmt: skip
+    assert loss.item() == pytest.approx(1.125, **APPROX)
+    loss.backward()
+    # d/d log p_S(y_t) = -(sum_k alpha_k rho_k Delta_t^k) / 2 with Delta stop-gradient:
+    # t0: -(0.25 * 1 + 0.75 * (-1) * (-2)) / 2 = -0.875;  t1: -(0.25 * 1 + 0) / 2 = -0.125
+    assert_close(student.grad, [[-0.875, -0.125]])
+    with pytest.raises(ValueError, match="teacher_term"):
+        sgsd_loss(student, teacher, torch.ones(1, 2), torch.tensor([1.0]), torch.zeros(1, 2),
+                  torch.ones(1, 2, dtype=torch.bool), teacher_term="kl")  # fmt: skip
+
+
+def test_sgsd_loss_normalizer_divides_the_sum_over_problems():
+    loss, _, _, _ = hand_example()  # B = 1: the mean equals the sum
+    student = torch.tensor([[-1.0, -2.0]])
+    teacher = torch.tensor([[[0.0, -1.0], [-3.0, -2.0]]])
+    scaled, _ = sgsd_loss(student, teacher, torch.ones(1, 2), torch.tensor([1.0]),
+                          torch.tensor([[0.0, math.log(3.0)]]), torch.ones(1, 2, dtype=torch.bool),
+                          normalizer=4.0)  # fmt: skip
+    assert scaled.item() == pytest.approx(loss.item() / 4.0, **APPROX)
+
+
+def test_divergence_objective_by_hand():
+    # B = 1, K = 2, T = 2; teacher 1 missing (weight 0). Teacher 0 per-token [0.2, 0.4], mask [1, 0]
+    # -> D_0 = 0.2; alpha_0 = 1 -> loss 0.2; with normalizer 4 -> 0.05.
+    per_token = torch.tensor([[[0.2, 0.4], [9.0, 9.0]]], requires_grad=True)
+    mask = torch.tensor([[1.0, 0.0]])
+    weights = torch.tensor([[1.0, 0.0]])
+    loss, m = divergence_objective(per_token, mask, weights)
+    assert loss.item() == pytest.approx(0.2, **APPROX)
+    assert m["divergence"].item() == pytest.approx(0.2, **APPROX)  # the missing teacher is not counted
+    assert m["kept_token_fraction"].item() == 0.5
+    assert divergence_objective(per_token, mask, weights, normalizer=4.0)[0].item() == pytest.approx(0.05)
+    loss.backward()
+    assert_close(per_token.grad, [[[1.0, 0.0], [0.0, 0.0]]])
+    with pytest.raises(ValueError, match="per_token"):
+        divergence_objective(per_token[0], mask, weights)
+
+
+def test_aggregate_with_a_whole_batch_normalizer():
+    values = torch.tensor([[1.0, 2.0], [3.0, 5.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    # token_mean: (1 + 2 + 3) / 3 kept = 2; against a batch of 6 kept tokens: 6 / 6 = 1
+    assert aggregate(values, mask, "token_mean").item() == pytest.approx(2.0, abs=1e-6)
+    assert aggregate(values, mask, "token_mean", normalizer=6.0).item() == pytest.approx(1.0)
+    # sequence_mean: row means 1.5 and 3 -> mean 2.25; against a batch of 3 rows: 4.5 / 3 = 1.5
+    assert aggregate(values, mask, "sequence_mean").item() == pytest.approx(2.25, abs=1e-6)
+    assert aggregate(values, mask, "sequence_mean", normalizer=3.0).item() == pytest.approx(1.5, abs=1e-6)
+    # two micro-batches with the batch normaliser add up to the whole batch's value
+    for mode in ("token_mean", "sequence_mean"):
+        n = 3.0 if mode == "token_mean" else 2.0
+        parts = sum(aggregate(values[i : i + 1], mask[i : i + 1], mode, normalizer=n) for i in range(2))
+        assert parts.item() == pytest.approx(aggregate(values, mask, mode).item(), abs=1e-6)
+
+
+def test_objective_registry_names_the_valid_objectives():
+    assert objective_spec("gated").scores == "sampled_tokens"
+    assert objective_spec("forward_kl").scores == "divergence"
+    assert objective_spec("grpo").scores == "policy"
+    with pytest.raises(ValueError, match="valid objectives: gated, sampled_rkl, forward_kl"):
+        objective_spec("kl")

@@ -2,7 +2,7 @@
 
 A 0.5B model's JSON is often unusable: the run must count that by reason and still finish with a
 valid (possibly small or empty) bank. Needs sgsd.models, sgsd.generation, sgsd.verifier, sgsd.data
-and the extraction/merge prompts in sgsd.prompts; skipped until those are installed.
+and the extraction/merge prompts in sgsd.prompts; skipped only without the embedded packages.
 """
 
 from __future__ import annotations
@@ -17,31 +17,13 @@ from sgsd.skills.bank import load_bank
 pytestmark = [pytest.mark.embedded, pytest.mark.slow]
 
 
-def _needs(module, *names):
-    mod = pytest.importorskip(module)
-    for name in names:
-        if not hasattr(mod, name):
-            pytest.skip(f"{module}.{name} has not landed")
-    return mod
-
-
 def test_cold_start_with_embedded_model(tmp_path):
     import torch
 
     torch.set_num_threads(2)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    models = _needs("sgsd.models", "load_policy")
-    generation = _needs("sgsd.generation", "HFGenerator", "SamplingParams")
-    verifier = _needs("sgsd.verifier", "grade_many")
-    data = _needs("sgsd.data", "load_problems")
-    _needs(
-        "sgsd.prompts",
-        "memory_generation_prompt",
-        "skill_extraction_prompt",
-        "mistake_extraction_prompt",
-        "skill_merge_prompt",
-        "mistake_merge_prompt",
-    )
+    pytest.importorskip("reasoning_gym")  # the embedded extra; the sgsd modules below must import
+    from sgsd import data, generation, models, verifier
     from sgsd.skills.build import cold_start
 
     model, tokenizer = models.load_policy("embedded:qwen2.5-coder-0.5b", dtype="float32")

@@ -36,19 +36,22 @@ def _train(tmp_path, tiny_model_dir, *overrides, name="run"):
     return out
 
 
+DEMO_RETRIEVAL = ["teachers.count=3"]  # the demo retrieves 3 pairs per problem (configs/demo.yaml)
+
+
 @pytest.mark.parametrize(
     "method, extra",
     [
         ("sgsd", []),
-        ("opsd", ["teachers.mode=frozen", "teachers.count=1"]),
-        ("opsd_skill", ["teachers.mode=frozen", "teachers.count=1"]),
+        ("opsd", ["teachers.mode=frozen", "objective.loss=forward_kl"]),
+        ("opsd_skill", ["teachers.mode=frozen", "objective.loss=forward_kl"]),  # 3 pairs in one teacher
         ("grpo", ["rollout.num_generations=2"]),
-        ("grpo_skill", ["rollout.num_generations=2"]),
+        ("grpo_skill", ["rollout.num_generations=2"]),  # 3 pairs in the student's prompt
     ],
 )
 def test_every_method_trains_two_steps(tmp_path, tiny_model_dir, monkeypatch, method, extra):
     _alternating_grades(monkeypatch)
-    run = _train(tmp_path, tiny_model_dir, f"train.method={method}", *extra)
+    run = _train(tmp_path, tiny_model_dir, f"train.method={method}", *DEMO_RETRIEVAL, *extra)
     rows = read_jsonl(run / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2]
     assert all(math.isfinite(r["loss"]) for r in rows)
@@ -130,9 +133,9 @@ def test_resume_continues_exactly(tmp_path, tiny_model_dir, monkeypatch, dtype):
 
 def test_non_finite_loss_skips_the_step(tmp_path, tiny_model_dir, monkeypatch):
     _alternating_grades(monkeypatch)
-    import sgsd.objectives as objectives
+    import sgsd.teaching as teaching
 
-    real = objectives.sgsd_loss
+    real = teaching.sgsd_loss
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -142,7 +145,7 @@ def test_non_finite_loss_skips_the_step(tmp_path, tiny_model_dir, monkeypatch):
             loss * float("nan") if calls["n"] == 1 else loss
         ), metrics  # step 1 stops at its first micro-batch
 
-    monkeypatch.setattr(objectives, "sgsd_loss", poisoned)
+    monkeypatch.setattr(teaching, "sgsd_loss", poisoned)
     run = _train(tmp_path, tiny_model_dir, "train.method=sgsd")
     rows = read_jsonl(run / "metrics.jsonl")
     assert rows[0]["skipped_step"] == 1.0 and rows[1]["skipped_step"] == 0.0
@@ -151,6 +154,12 @@ def test_non_finite_loss_skips_the_step(tmp_path, tiny_model_dir, monkeypatch):
         assert all(torch.isfinite(v).all() for v in tensors.values())
     first = load_file(str(run / "checkpoints" / "step-000001" / "trainable.safetensors"))
     assert all(v.abs().max() == 0 for k, v in first.items() if "lora_B" in k)  # nothing was applied
+    # a skipped step leaves no evidence: no logged decisions, nothing in the skill ledger
+    assert "decisions" not in rows[0] and rows[1]["decisions"]
+    ledger = json.loads((run / "checkpoints" / "step-000001" / "ledger.json").read_text())
+    assert ledger["records"] == 0
+    later = json.loads((run / "checkpoints" / "step-000002" / "ledger.json").read_text())
+    assert later["records"] == len(rows[1]["decisions"])
 
 
 def test_a_second_run_in_the_same_folder_needs_resume_or_overwrite(
@@ -211,3 +220,90 @@ def test_vllm_backend_refuses_full_fine_tuning(tmp_path, tiny_model_dir, capsys)
                "rollout.backend=vllm", "model.lora_rank=0"])  # fmt: skip
     assert rc == 2
     assert "model.lora_rank > 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "method, extra",
+    [
+        ("sgsd", ["objective.loss=sampled_rkl"]),
+        ("sgsd", ["objective.support=topk", "objective.support_top_k=5"]),
+        ("sgsd", ["objective.loss=forward_kl"]),
+        ("sgsd", ["objective.loss=reverse_kl", "teachers.mode=ema"]),
+        ("sgsd", ["objective.loss=jsd", "teachers.mode=periodic"]),
+        ("opsd", ["objective.loss=reverse_kl"]),
+        ("opsd_skill", ["objective.loss=gated"]),
+        ("grpo", ["rollout.num_generations=2", "objective.grpo_aggregation=sequence_mean"]),
+    ],
+)
+def test_every_objective_path_trains(tmp_path, tiny_model_dir, monkeypatch, method, extra):
+    """Each scoring/objective path (sampled-token gated and RKL, top-K support, full-vocabulary forward
+    and reverse KL and JSD, GRPO's two aggregations) takes a finite step that moves the adapter."""
+    _alternating_grades(monkeypatch)
+    run = _train(tmp_path, tiny_model_dir, f"train.method={method}", "train.steps=1", "data.eval_sources=[]",
+                 *DEMO_RETRIEVAL, *extra)  # fmt: skip
+    [row] = read_jsonl(run / "metrics.jsonl")
+    assert math.isfinite(row["loss"]) and row["skipped_step"] == 0.0 and row["grad_norm"] > 0
+    if "objective.loss=forward_kl" in extra or "objective.loss=reverse_kl" in extra:
+        assert row["divergence"] > 0
+    final = load_file(str(run / "checkpoints" / "step-000001" / "trainable.safetensors"))
+    assert any(v.abs().max() > 0 for k, v in final.items() if "lora_B" in k)
+
+
+def _gradients(trainer, rollouts, micro_batch_size):
+    trainer.cfg.train.micro_batch_size = micro_batch_size
+    trainer.accumulate_gradients(rollouts)
+    return {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize(
+    "method, extra",
+    [
+        ("sgsd", []),
+        ("sgsd", ["objective.loss=sampled_rkl"]),
+        ("sgsd", ["objective.support=topk", "objective.support_top_k=5"]),
+        ("opsd", ["objective.loss=forward_kl"]),
+        ("sgsd", ["objective.loss=jsd"]),
+        ("grpo", ["rollout.num_generations=2"]),
+        ("grpo", ["rollout.num_generations=2", "objective.grpo_aggregation=sequence_mean"]),
+    ],
+)
+def test_micro_batches_accumulate_the_whole_batch_gradient(tmp_path, tiny_model_dir, method, extra):
+    """Splitting a batch of 4 problems into micro-batches of 1 gives the gradient of one micro-batch
+    of 4, for every objective (the objective divides by the whole batch's problems or tokens)."""
+    from sgsd.config import load_config
+    from sgsd.configs import resolve_config_path
+    from sgsd.trainer import Trainer
+
+    cfg = load_config(resolve_config_path("tiny"), [f"model.name={tiny_model_dir}", f"train.method={method}",
+                      "train.batch_size=4", "rollout.max_new_tokens=12", "data.eval_sources=[]", *extra])  # fmt: skip
+    trainer = Trainer(cfg, tmp_path / "run")
+    rollouts = trainer._rollouts(trainer._sample_problems(0))
+    for i, r in enumerate(rollouts):  # mixed outcomes: polarity and group advantages are non-zero
+        r.reward = 1.0 if i % 2 == 0 else -1.0
+    whole = _gradients(trainer, rollouts, 4)
+    split = _gradients(trainer, rollouts, 1)
+    assert whole.keys() == split.keys() and whole
+    assert any(g.abs().max() > 0 for g in whole.values())
+    for name in whole:
+        torch.testing.assert_close(split[name], whole[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_eval_run_scores_the_runs_own_held_out_problems(tmp_path, tiny_model_dir, monkeypatch):
+    """`sgsd eval --run` evaluates exactly the problems the run evaluated in its loop (same sources,
+    seed, size), none of which is a training problem."""
+    from sgsd.config import load_config
+    from sgsd.data import held_out_sets, training_problems
+
+    _alternating_grades(monkeypatch)
+    run = _train(tmp_path, tiny_model_dir, "train.steps=1", "data.eval_size=3", "skills.online_update=false")
+    out = tmp_path / "sweep"
+    assert main(["eval", "--run", str(run), "--checkpoints", "0", "--out", str(out)]) == 0
+
+    def questions(folder):
+        return sorted(r["question"] for f in folder.glob("*.jsonl") for r in read_jsonl(f))
+
+    in_loop = questions(run / "eval" / "step-000000")
+    assert len(in_loop) == 3 and questions(out / "step-000000") == in_loop
+    cfg = load_config(run / "config.yaml")
+    train_questions = {p.question for p in training_problems(cfg.data, held_out_sets(cfg.data))}
+    assert not train_questions & set(in_loop)

@@ -74,27 +74,18 @@ def run(args) -> int:
         out = out or run_dir / "eval"
         steps = _parse_checkpoints(args.checkpoints, out, [source_slug(s) for s in test_sources])
 
-    from sgsd.data import load_problems
-    from sgsd.generation import SamplingParams
+    from sgsd.data import held_out_sets
+    from sgsd.evaluate import eval_seed
+    from sgsd.generation import sampling_params
     from sgsd.verifier import grade_many
 
     all_sources = list(dict.fromkeys([*test_sources, *args.validation_sources]))
-    problems = {
-        s: load_problems(s, size=cfg.data.eval_size, seed=cfg.data.seed, columns=cfg.data.columns or None)
-        for s in all_sources
-    }
-    params = SamplingParams(
-        temperature=cfg.eval.temperature,
-        top_p=cfg.eval.top_p,
-        top_k=cfg.eval.top_k,
-        max_new_tokens=cfg.eval.max_new_tokens,
-        n=k,
-        seed=cfg.train.seed,
-    )
+    problems = held_out_sets(cfg.data, all_sources)  # the run's own held-out problems (as in the loop)
+    params = sampling_params(cfg.eval, n=k)
     grade_fn = partial(grade_many, timeout_s=cfg.verifier.timeout_s, workers=cfg.verifier.workers)
     prompt_fn = _skill_prompt_fn(cfg) if cfg.eval.with_skills else None
     factory = _generator_factory(cfg)
-    common = dict(prompt_fn=prompt_fn, grade_fn=grade_fn, seed=cfg.train.seed)
+    common = dict(prompt_fn=prompt_fn, grade_fn=grade_fn, seed=eval_seed(cfg.train.seed))
 
     if run_dir is None:
         out = out or Path("runs") / "eval" / source_slug(cfg.model.name)

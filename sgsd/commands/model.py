@@ -37,20 +37,13 @@ def run(args) -> int:
         print(prepare_embedded(args.name, args.cache_dir))
         return 0
 
-    from sgsd.generation import HFGenerator, SamplingParams
+    from sgsd.generation import HFGenerator, sampling_params
     from sgsd.models import load_policy
 
     model, tokenizer = load_policy(
         args.name, dtype=args.dtype, cache_dir=args.cache_dir, adapter=args.adapter
     )
-    params = SamplingParams(
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        max_new_tokens=args.max_new_tokens,
-        n=args.n,
-        seed=args.seed,
-    )
+    params = sampling_params(args, n=args.n, seed=args.seed)  # --temperature, --top-p, --top-k, ...
     completions = HFGenerator(model, tokenizer).generate(
         [args.prompt], params, enable_thinking=args.thinking
     )[0]

@@ -9,7 +9,8 @@ def add_arguments(parser):
         "--config",
         "-c",
         default="demo",
-        help="YAML file, or the name of a packaged config (demo, sgsd, opsd, grpo, ...; see `sgsd configs`)",
+        help="YAML file, or the name of a packaged config (demo, tiny, paper/qwen3-1.7b/sgsd, "
+        "paper/ablations/no_polarity, ...; `sgsd config --list` lists them)",
     )
     parser.add_argument(
         "--output-dir", "-o", help="run folder (default: train.output_dir or runs/METHOD-TIME)"

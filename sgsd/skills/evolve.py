@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 from sgsd.skills.bank import SkillBank, make_mistake, make_skill
 from sgsd.skills.build import build_memory, extract_candidates
 from sgsd.skills.llm import MISTAKE, SKILL, Kind, greedy_params
-from sgsd.skills.merge import _normal, hierarchical_merge
+from sgsd.skills.merge import content_key, hierarchical_merge
 from sgsd.skills.parse import ParseStats
 
 
@@ -180,16 +180,18 @@ class OnlineEvolver:
         return kept
 
     def _prune(self, kind: Kind, items: list[dict], existing, counters: dict, ledger) -> list:
-        old_ids = {_normal(e.content(), kind.fields): e.entry_id for e in existing}
+        old_ids = {content_key(e.content(), kind.fields): e.entry_id for e in existing}
         limit = min(self.capacity, len(existing) + self.max_new)
         if not self.prune_by_evidence:
             chosen = items[:limit]
         else:
-            new = [it for it in items if _normal(it, kind.fields) not in old_ids][: min(self.max_new, limit)]
-            old = [it for it in items if _normal(it, kind.fields) in old_ids]
+            new = [it for it in items if content_key(it, kind.fields) not in old_ids][
+                : min(self.max_new, limit)
+            ]
+            old = [it for it in items if content_key(it, kind.fields) in old_ids]
 
             def evidence(item):
-                value = ledger.evidence(kind.name, old_ids[_normal(item, kind.fields)])
+                value = ledger.evidence(kind.name, old_ids[content_key(item, kind.fields)])
                 return value if value is not None else 0.0
 
             old = sorted(old, key=evidence, reverse=True)  # stable: ties keep list order
@@ -201,7 +203,7 @@ class OnlineEvolver:
         make = make_skill if kind is SKILL else make_mistake
         entries = []
         for item in chosen:
-            entry_id = old_ids.get(_normal(item, kind.fields))
+            entry_id = old_ids.get(content_key(item, kind.fields))
             if entry_id is None:
                 last += 1
                 entry_id = f"dyn_{last:03d}"

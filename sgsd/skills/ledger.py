@@ -18,6 +18,12 @@ switch polarity off; rho is tallied separately as the direction actually applied
 Entries are keyed `skill:<id>` / `mistake:<id>` (a dynamic skill and a dynamic mistake may share
 an id). `evidence(key)` = (helpful + warning - misleading - over_suppressive) / retrieved is the
 score online evolution can prune by. The ledger is saved as atomic JSON beside the bank.
+
+Only methods with one pair per teacher (SGSD) keep a ledger. A teacher that carries several pairs at
+once (OPSD+Skill: one teacher whose prompt holds every retrieved pair) has one support and one
+polarity for all of them, which says nothing about any single pair, so nothing is recorded for it;
+GRPO+Skill has no teachers. Only steps whose update was applied are recorded (a step skipped for a
+non-finite loss leaves the ledger unchanged).
 """
 
 from __future__ import annotations

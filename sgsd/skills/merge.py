@@ -44,7 +44,7 @@ class MergeResult:
         }
 
 
-def _normal(item: dict, fields: tuple[str, ...]) -> tuple[str, ...]:
+def content_key(item: dict, fields: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(" ".join(item[f].lower().split()) for f in fields)
 
 
@@ -52,7 +52,7 @@ def dedupe(items: list[dict], fields: tuple[str, ...]) -> list[dict]:
     """Drop exact duplicates (after lower-casing and collapsing whitespace), keeping the first."""
     seen, out = set(), []
     for item in items:
-        key = _normal(item, fields)
+        key = content_key(item, fields)
         if key not in seen:
             seen.add(key)
             out.append(item)

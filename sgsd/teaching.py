@@ -1,0 +1,241 @@
+"""One micro-batch of a training step: its teachers, the scores they give, and the named objective.
+
+`build_teacher_batch` turns each rollout into its teachers' token ids and weights alpha (Eq. 6, with
+`skills.weight_temperature`), computed once, following the method's spec (`sgsd.methods`): one teacher
+per retrieved pair (SGSD; the pairs are cut to `teachers.count` here and nowhere else), one teacher
+that sees every retrieved pair (OPSD+Skill), or one that sees the reference answer (OPSD). The scoring
+functions run the model for one kind of objective input (`sgsd.objectives.OBJECTIVES`), every teacher
+forward inside `teacher_context` (live / frozen / EMA / periodic weights) and `teachers.chunk_rows`
+rows at a time. `MicroBatchLoss` ties the three together for the trainer; all loss math stays in
+`sgsd.objectives`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sgsd.hostmem import release_freed_memory
+from sgsd.methods import MethodSpec
+from sgsd.metrics import decision_evidence
+from sgsd.objectives import divergence_objective, group_advantages, grpo_loss, sgsd_loss, teacher_weights
+from sgsd.prompts import skills_in_prompt, teacher_prompt
+from sgsd.scoring import (
+    completion_token_mask,
+    score_divergence,
+    score_student,
+    score_teachers,
+    score_topk_support,
+    teacher_prompt_ids,
+)
+
+
+@dataclass
+class TeacherBatch:
+    prompt_ids: list[list[list[int]]]  # [B][K] token ids of each rollout's teacher prompts
+    weights: torch.Tensor  # [B, K] alpha (Eq. 6), 0 for missing teachers
+    mask: torch.Tensor  # [B, K] bool, the teachers that exist
+    ledger_pairs: list[list]  # [B][K] the pair behind each teacher; [] for teachers of several pairs
+
+
+def teacher_texts(spec: MethodSpec, problem, pairs: list, count: int, include_answer: bool):
+    """(teacher user messages, retrieval scores, pairs for the ledger) of one rollout."""
+    if spec.teachers == "per_pair":
+        pairs = pairs[:count]
+        answer = problem.answer if include_answer else None
+        texts = [teacher_prompt(problem.question, p.skill, p.mistake, answer=answer) for p in pairs]
+        return texts, [p.score for p in pairs], list(pairs)
+    if spec.teachers == "joint":  # OPSD+Skill: the answer and every retrieved pair in one context
+        return [skills_in_prompt(problem.question, pairs, answer=problem.answer)], [0.0], []
+    if spec.teachers == "answer":  # OPSD: the reference answer
+        return [teacher_prompt(problem.question, answer=problem.answer)], [0.0], []
+    return [], [], []
+
+
+def build_teacher_batch(spec: MethodSpec, rollouts: list, tokenizer, cfg, device) -> TeacherBatch:
+    """The teachers of `rollouts` (each with `.problem` and `.pairs`) under config `cfg`."""
+    t = cfg.teachers
+    texts, scores, ledger_pairs = zip(
+        *(teacher_texts(spec, r.problem, r.pairs, t.count, t.include_answer) for r in rollouts)
+    )
+    ids = [
+        teacher_prompt_ids(
+            tokenizer,
+            list(x),
+            student_enable_thinking=cfg.rollout.enable_thinking,
+            teacher_enable_thinking=t.enable_thinking,
+        )
+        for x in texts
+    ]
+    k = max(1, max(len(x) for x in texts))
+    retrieval = torch.zeros(len(rollouts), k, device=device)  # [B, K]
+    mask = torch.zeros(len(rollouts), k, dtype=torch.bool, device=device)  # [B, K]
+    for b, s in enumerate(scores):
+        retrieval[b, : len(s)] = torch.tensor(s, dtype=torch.float32)
+        mask[b, : len(s)] = True
+    weights = teacher_weights(retrieval, mask, cfg.skills.weight_temperature)  # [B, K]
+    return TeacherBatch(ids, weights, mask, list(ledger_pairs))
+
+
+def completion_valid(completion_ids: list[list[int]], device) -> torch.Tensor:
+    """[B, T] bool: True on each row's completion tokens (T the longest completion)."""
+    width = max((len(c) for c in completion_ids), default=0)
+    valid = torch.zeros(len(completion_ids), width, dtype=torch.bool, device=device)  # [B, T]
+    for i, c in enumerate(completion_ids):
+        valid[i, : len(c)] = True
+    return valid
+
+
+def token_mask(tokenizer, completion_ids, valid: torch.Tensor, use_mask: bool) -> torch.Tensor:
+    """m_t (Section 2.4) when `objective.token_mask` is on, else every completion token."""
+    return completion_token_mask(tokenizer, completion_ids, valid) if use_mask else valid
+
+
+def score_sampled_tokens(
+    model, student_prompts, batch: TeacherBatch, completions, pad_id, cfg, teacher_context
+):
+    """Sampled-token log-probs for the gated and sampled-RKL objectives: `(student [B, T] with grad, or
+    [B, K, T] renormalised on each teacher's top-K support; teachers [B, K, T]; valid [B, T])`."""
+    o, t = cfg.objective, cfg.teachers
+    common = dict(chunk_rows=t.chunk_rows, chunk_size=o.position_chunk)
+    if o.support == "topk":  # Section 4.5: teacher top-K + sampled token, renormalised per teacher
+        student, teacher, _ = score_topk_support(model, student_prompts, batch.prompt_ids, completions, pad_id,
+                                                 k=o.support_top_k, teacher_context=teacher_context, **common)  # fmt: skip
+        return student, teacher, completion_valid(completions, student.device)
+    with teacher_context():  # score_teachers runs only teacher forwards: the context wraps the call
+        teacher, _ = score_teachers(
+            model, batch.prompt_ids, completions, pad_id, **common
+        )  # [B, K, T] no grad
+    release_freed_memory()  # the teacher forwards' temporaries, before the student's activations
+    student, valid = score_student(model, student_prompts, completions, pad_id, chunk_size=o.position_chunk)
+    return student, teacher, valid  # [B, T] with grad, [B, K, T], [B, T]
+
+
+def score_divergences(model, student_prompts, batch: TeacherBatch, completions, pad_id, cfg, teacher_context):
+    """Per-position full-vocabulary divergences `(per_token [B, K, T] with grad, valid [B, T])` between
+    the student and each teacher. The student rows are repeated once per teacher (memory grows K-fold;
+    K > 1 is used by the Fig. 3(c) ablation only)."""
+    o = cfg.objective
+    rows = [(b, k) for b, ids in enumerate(batch.prompt_ids) for k in range(len(ids))]
+    per_row, _ = score_divergence(
+        model,
+        [student_prompts[b] for b, _ in rows],
+        [batch.prompt_ids[b][k] for b, k in rows],
+        [completions[b] for b, _ in rows],
+        pad_id,
+        kind=o.loss,
+        beta=o.jsd_beta,
+        chunk_size=o.position_chunk,
+        chunk_rows=cfg.teachers.chunk_rows,
+        teacher_context=teacher_context,
+    )  # [R, T]
+    valid = completion_valid(completions, per_row.device)  # [B, T]
+    grid = per_row.new_zeros((len(completions), batch.mask.shape[1], valid.shape[1]))  # [B, K, T]
+    index = torch.tensor(rows, device=per_row.device).reshape(-1, 2)  # [R, 2]
+    grid = grid.index_put((index[:, 0], index[:, 1]), per_row)  # out of place: keeps the graph
+    return grid, valid
+
+
+class MicroBatchLoss:
+    """The loss of one micro-batch of rollouts for a method and a named objective: builds the teachers,
+    runs the scoring the objective reads (`ObjectiveSpec.scores`), and applies the objective of
+    `sgsd.objectives`, normalised by the whole batch (`normalizer`), so that micro-batch gradients add
+    up to the batch objective's. Calling it returns `(loss, metrics, evidence)`; evidence (the
+    teachers' decisions, see `sgsd.metrics.decision_evidence`) is None for objectives without
+    polarity decisions."""
+
+    def __init__(self, spec: MethodSpec, objective, cfg, model, tokenizer, teacher_context):
+        self.spec, self.objective, self.cfg = spec, objective, cfg
+        self.model, self.tokenizer, self.teacher_context = model, tokenizer, teacher_context
+        self.pad_id = tokenizer.pad_token_id
+        self._loss = {
+            "sampled_tokens": self._sampled_token_loss,
+            "divergence": self._divergence_loss,
+            "policy": self._policy_loss,
+        }[objective.scores]
+
+    def __call__(self, chunk: list, normalizer: float):
+        return self._loss(chunk, normalizer)
+
+    def normalizer(self, rollouts: list) -> float:
+        """What the batch objective averages over: kept completion tokens of the whole batch (GRPO with
+        token_mean aggregation) or rollouts."""
+        if self.objective.name == "grpo" and self.cfg.objective.grpo_aggregation == "token_mean":
+            ids = self._completion_ids(rollouts)
+            valid = completion_valid(ids, "cpu")  # [N, T]
+            kept = token_mask(self.tokenizer, ids, valid, self.cfg.objective.token_mask).sum()
+            return float(max(1, int(kept)))
+        return float(max(1, len(rollouts)))
+
+    def _completion_ids(self, chunk: list) -> list[list[int]]:
+        return [r.completion_ids if r.completion_ids else [self.pad_id] for r in chunk]
+
+    def _device(self):
+        return next(self.model.parameters()).device
+
+    def _sampled_token_loss(self, chunk: list, normalizer: float):
+        """SGSD's gated objective (or its sampled-token RKL variant)."""
+        o = self.cfg.objective
+        teachers = build_teacher_batch(self.spec, chunk, self.tokenizer, self.cfg, self._device())
+        completions = self._completion_ids(chunk)
+        prompts = [r.prompt_ids for r in chunk]
+        student, teacher, valid = score_sampled_tokens(
+            self.model, prompts, teachers, completions, self.pad_id, self.cfg, self.teacher_context
+        )  # [B, T] (or [B, K, T]) with grad, [B, K, T], [B, T]
+        rewards = [r.reward for r in chunk]
+        loss, metrics = sgsd_loss(
+            student,
+            teacher,
+            token_mask(self.tokenizer, completions, valid, o.token_mask),
+            torch.tensor(rewards, device=teacher.device),
+            None,
+            teachers.mask,
+            tau=o.tau,
+            clip=o.clip,
+            threshold=o.threshold,
+            eps=o.eps,
+            use_polarity=o.use_polarity and self.spec.polarity,
+            weights=teachers.weights,
+            teacher_term=self.objective.name,
+            normalizer=normalizer,
+        )
+        return loss, metrics, decision_evidence(rewards, metrics, teachers.mask, teachers.ledger_pairs)
+
+    def _divergence_loss(self, chunk: list, normalizer: float):
+        """Full-vocabulary divergence to each teacher (OPSD, Fig. 3(c)), weighted by alpha."""
+        teachers = build_teacher_batch(self.spec, chunk, self.tokenizer, self.cfg, self._device())
+        completions = self._completion_ids(chunk)
+        prompts = [r.prompt_ids for r in chunk]
+        per_token, valid = score_divergences(
+            self.model, prompts, teachers, completions, self.pad_id, self.cfg, self.teacher_context
+        )  # [B, K, T] with grad, [B, T]
+        mask = token_mask(self.tokenizer, completions, valid, self.cfg.objective.token_mask)  # [B, T]
+        loss, metrics = divergence_objective(
+            per_token, mask, teachers.weights, normalizer, self.cfg.objective.eps
+        )
+        return loss, metrics, None
+
+    def _policy_loss(self, chunk: list, normalizer: float):
+        """GRPO: group-relative advantages and the clipped surrogate on the policy's own log-probs."""
+        o = self.cfg.objective
+        completions = self._completion_ids(chunk)
+        prompts = [r.prompt_ids for r in chunk]
+        logp, valid = score_student(
+            self.model, prompts, completions, self.pad_id, chunk_size=o.position_chunk
+        )
+        rewards = torch.tensor([r.reward for r in chunk], device=logp.device)  # [G*P]
+        adv = group_advantages(
+            rewards, group_size=self.cfg.rollout.num_generations, scale=o.grpo_scale_rewards
+        )
+        mask = token_mask(self.tokenizer, completions, valid, o.token_mask)  # [G*P, T]
+        loss, metrics = grpo_loss(
+            logp,
+            logp.detach(),
+            adv,
+            mask,
+            clip_eps=o.grpo_clip,
+            aggregation=o.grpo_aggregation,
+            normalizer=normalizer,
+        )
+        return loss, dict(metrics, advantage_abs_mean=adv.abs().mean()), None
