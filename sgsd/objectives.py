@@ -504,6 +504,12 @@ def opsd_forward_kl(
     return per_position
 
 
+def local_support_ids(support_idx: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+    """The ids of the local support as `local_support_terms_from_gathered` expects them: [n, k + 1],
+    the teacher's top-k `support_idx` [n, k] then the sampled `token` [n] (counted only when outside)."""
+    return torch.cat([support_idx, token.unsqueeze(-1)], dim=-1)  # [n, k + 1]
+
+
 def local_support_terms(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, support_idx: torch.Tensor, token: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -514,21 +520,31 @@ def local_support_terms(
     Returns (log p_S,S(y) with grad, log p_T,S(y), KL_S(p_T || p_S) = sum_{v in S} p_T,S(v) (log p_T,S(v)
     - log p_S,S(v)) with grad through the student). The first two equal `topk_support_logprobs`.
     """
-    student = _as_float(student_logits)  # [n, V]
-    teacher = _as_float(teacher_logits.detach())  # [n, V]
-    ids = torch.cat([support_idx, token.unsqueeze(-1)], dim=-1)  # [n, k + 1]
+    teacher_gathered = teacher_logits.detach().gather(-1, local_support_ids(support_idx, token))  # [n, k+1]
+    return local_support_terms_from_gathered(student_logits, teacher_gathered, support_idx, token)
+
+
+def local_support_terms_from_gathered(
+    student_logits: torch.Tensor,
+    teacher_support_logits: torch.Tensor,
+    support_idx: torch.Tensor,
+    token: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`local_support_terms` with the teacher's logits already gathered at `local_support_ids` ([n, k + 1]),
+    so a teacher pass can keep k + 1 values per position instead of the vocabulary."""
+    ids = local_support_ids(support_idx, token)  # [n, k + 1]
     extra = ~(support_idx == token.unsqueeze(-1)).any(-1)  # [n]  the sampled token is outside the top-k
     keep = torch.ones_like(ids, dtype=torch.bool)  # [n, k + 1]
     keep[:, -1] = extra
-    s = student.gather(-1, ids).masked_fill(~keep, float("-inf"))  # [n, k + 1]
-    t = teacher.gather(-1, ids).masked_fill(~keep, float("-inf"))  # [n, k + 1]
+    s = _as_float(student_logits).gather(-1, ids).masked_fill(~keep, float("-inf"))  # [n, k + 1]
+    t = _as_float(teacher_support_logits.detach()).masked_fill(~keep, float("-inf"))  # [n, k + 1]
     logp_s = s - torch.logsumexp(s, dim=-1, keepdim=True)  # [n, k + 1]
     logp_t = t - torch.logsumexp(t, dim=-1, keepdim=True)  # [n, k + 1]
     local_kl = (logp_t.exp() * torch.where(keep, logp_t - logp_s, 0.0)).sum(-1)  # [n]
-    sampled = student.gather(-1, token.unsqueeze(-1)).squeeze(-1)  # [n]
-    sampled_t = teacher.gather(-1, token.unsqueeze(-1)).squeeze(-1)  # [n]
-    student_local = sampled - torch.logsumexp(s, dim=-1)  # [n]
-    teacher_local = sampled_t - torch.logsumexp(t, dim=-1)  # [n]
+    # the sampled token sits in the last slot when outside the top-k, else at its top-k slot
+    at = torch.where(extra, ids.shape[-1] - 1, (support_idx == token.unsqueeze(-1)).int().argmax(-1))  # [n]
+    student_local = logp_s.gather(-1, at.unsqueeze(-1)).squeeze(-1)  # [n]
+    teacher_local = logp_t.gather(-1, at.unsqueeze(-1)).squeeze(-1)  # [n]
     return student_local, teacher_local, local_kl
 
 
@@ -582,7 +598,9 @@ __all__ = [
     "generalized_jsd",
     "group_advantages",
     "grpo_loss",
+    "local_support_ids",
     "local_support_terms",
+    "local_support_terms_from_gathered",
     "opsd_forward_kl",
     "polarity",
     "reverse_kl",

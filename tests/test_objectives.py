@@ -31,7 +31,9 @@ from sgsd.objectives import (
     generalized_jsd,
     group_advantages,
     grpo_loss,
+    local_support_ids,
     local_support_terms,
+    local_support_terms_from_gathered,
     opsd_forward_kl,
     polarity,
     reverse_kl,
@@ -856,3 +858,20 @@ def test_grpo_second_pass_by_hand():
     assert metrics["clip_fraction"].item() == pytest.approx(0.5)
     loss.backward()
     assert_close(new.grad, [[0.0, -0.45]])
+
+
+def test_local_support_terms_from_gathered_teacher_logits_match_and_stay_finite():
+    torch.manual_seed(0)
+    n, V, k = 6, 11, 3
+    student = torch.randn(n, V, requires_grad=True)
+    teacher = torch.randn(n, V)
+    support = teacher.topk(k, dim=-1).indices  # [n, k]
+    token = torch.tensor([support[0, 0].item(), 10, support[2, 2].item(), 0, 5, support[5, 1].item()])
+    full = local_support_terms(student, teacher, support, token)
+    gathered = teacher.gather(-1, local_support_ids(support, token))  # [n, k + 1]
+    again = local_support_terms_from_gathered(student, gathered, support, token)
+    for a, b in zip(full, again):
+        assert_close(a, b.tolist())
+    assert_close(full[0], topk_support_logprobs(student, support, token).tolist())
+    sum(t.sum() for t in (full[0], full[2])).backward()
+    assert torch.isfinite(student.grad).all()
