@@ -37,7 +37,8 @@ class ModelConfig:
     lora_rank: int = 64
     # LoRA alpha (paper: 128)
     lora_alpha: int = 128
-    # LoRA dropout
+    # LoRA dropout (paper: not stated; official GRPO: TRL's 0.05; official OPSD/SGSD: 0, since their trainer
+    # zeroes every nn.Dropout of the PEFT model, LoRA's included)
     lora_dropout: float = 0.0
     # modules that get LoRA adapters (paper: all attention and MLP projections)
     lora_target_modules: list[str] = field(default_factory=lambda: list(ALL_PROJECTIONS))
@@ -140,6 +141,20 @@ class SkillsConfig:
     extractor_enable_thinking: bool = False
     # cold start: number of seed problems (paper: 256)
     cold_start_problems: int = 256
+    # cold start: solution token budget (paper: not stated; official memory generation: 38912)
+    cold_start_max_new_tokens: int = 1024
+    # cold start: solution sampling temperature (paper: not stated; official: 1.0)
+    cold_start_temperature: float = 1.0
+    # cold start: solution nucleus sampling (paper: not stated; official: 0.95, no top-k)
+    cold_start_top_p: float = 0.95
+    # cold start: thinking mode of the solutions (paper: not stated; official: on, the Qwen3 template default)
+    cold_start_enable_thinking: bool = False
+    # retrieved pairs per problem, top-K skills and top-K mistakes (paper: 8; official: 8 for SGSD and
+    # Base+Skill, 3 for GRPO+Skill and OPSD+Skill); null = teachers.count
+    top_k: int | None = None
+    # records an online update reads (Alg. 4's W; paper: "recent rollout records"): window = the last F
+    # steps' rollouts; step = the update step's rollouts only (official: the update step's last micro-batch)
+    evolution_window: Literal["step", "window"] = "window"
 
 
 @dataclass
@@ -148,12 +163,21 @@ class TeachersConfig:
     count: int = 8
     # teacher weights: live (current weights), frozen (adapter off), ema (second adapter), periodic (snapshot)
     mode: Literal["live", "frozen", "ema", "periodic"] = "live"
-    # EMA decay for mode=ema
+    # EMA decay for mode=ema (paper: not stated; official default: 0.999)
     ema_decay: float = 0.99
-    # snapshot interval in steps for mode=periodic
+    # snapshot interval in steps for mode=periodic (paper: not stated; official default: 50)
     periodic_every: int = 25
     # teacher chat template thinking mode (paper: on for the teacher)
     enable_thinking: bool = True
+    # append the student template's generation suffix (Qwen3 without thinking: the empty think block) to
+    # every teacher prompt, so teacher and student score a token in the same context. Paper: thinking on
+    # for the teacher; official: the teacher's thinking render, the completion right after
+    # `<|im_start|>assistant\n` (= false)
+    align_think_block: bool = True
+    # privileged-answer text for OPSD, OPSD+Skill and include_answer: answer_line = "The answer is
+    # \boxed{X}." before the problem; official = the official code's "Here is a reference solution ..."
+    # block after the problem (with OPSD's transition paragraph for OPSD and OPSD+Skill)
+    answer_template: Literal["answer_line", "official"] = "answer_line"
     # add the reference answer to every teacher context (Fig. 3(d) ablation; OPSD uses it alone)
     include_answer: bool = False
     # teacher rows scored per forward (memory knob)
@@ -180,16 +204,39 @@ class ObjectiveConfig:
     support: Literal["full", "topk"] = "full"
     # K of the top-K support variant
     support_top_k: int = 100
+    # what the gate of the top-K variant reads (paper Sec. 4.5: "apply the gated signal" on the local
+    # support): sampled_gap = the local sampled-token gap; local_kl = the local forward KL (official)
+    topk_gate: Literal["sampled_gap", "local_kl"] = "sampled_gap"
     # beta of the generalized JSD (0 = forward KL, 1 = reverse KL)
     jsd_beta: float = 0.5
     # completion positions per chunk when computing log-probs and divergences
     position_chunk: int = 128
+    # OPSD: logits of student and teacher are divided by this before the softmax (paper: not stated;
+    # official: the rollout temperature, 1.1)
+    opsd_temperature: float = 1.0
+    # OPSD: clamp of the divergence from above; null = none (paper: not stated; official: 0.05)
+    opsd_clip: float | None = None
+    # OPSD: what the clamp applies to: entry = each vocabulary term p_T(v) log(p_T(v)/p_S(v)) (official:
+    # TRL's elementwise kl_div, clamped before the sum over v), token = the per-token sum
+    opsd_clip_scope: Literal["entry", "token"] = "entry"
+    # OPSD: tokens in the loss: token_mask = m_t of Sec. 2.4 (when objective.token_mask), completion =
+    # every sampled token, EOS included (official)
+    opsd_mask: Literal["token_mask", "completion"] = "token_mask"
+    # OPSD: sequence_mean = each completion's mean, then the mean over problems; token_mean = the mean
+    # over all kept tokens (official: over each micro-batch of 4 problems)
+    opsd_aggregation: Literal["token_mean", "sequence_mean"] = "sequence_mean"
     # GRPO: surrogate clipping epsilon
     grpo_clip: float = 0.2
-    # GRPO: loss aggregation, token_mean or sequence_mean
+    # GRPO: loss aggregation, token_mean or sequence_mean (official, TRL loss_type=grpo: sequence_mean)
     grpo_aggregation: Literal["token_mean", "sequence_mean"] = "token_mean"
     # GRPO: divide advantages by the group's standard deviation
     grpo_scale_rewards: bool = True
+    # GRPO: mu, optimizer steps per batch of rollouts; old log-probs are taken before the first, so the
+    # ratio (and the clip) acts from the second on (paper: not stated; official, TRL num_iterations: 2)
+    grpo_iterations: int = 1
+    # GRPO: tokens in the loss: token_mask = m_t of Sec. 2.4 (when objective.token_mask), completion =
+    # every sampled token, EOS included (official, TRL)
+    grpo_mask: Literal["token_mask", "completion"] = "token_mask"
 
 
 @dataclass
@@ -210,7 +257,7 @@ class TrainConfig:
     max_grad_norm: float = 0.1
     # linear warmup steps
     warmup_steps: int = 0
-    # learning-rate schedule after warmup
+    # learning-rate schedule after warmup (paper: not stated; official: linear decay to 0, HF's default)
     lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
     # random seed (python, numpy, torch, sampling)
     seed: int = 42
@@ -300,6 +347,10 @@ RANGES: dict[tuple[str, str], tuple[Any, str]] = {
     ("skills", "merge_patience"): _AT_LEAST_ONE,
     ("skills", "extractor_max_new_tokens"): _AT_LEAST_ONE,
     ("skills", "cold_start_problems"): _AT_LEAST_ONE,
+    ("skills", "cold_start_max_new_tokens"): _AT_LEAST_ONE,
+    ("skills", "cold_start_temperature"): _NON_NEGATIVE,
+    ("skills", "cold_start_top_p"): _UNIT,
+    ("skills", "top_k"): _AT_LEAST_ONE,
     ("teachers", "count"): _AT_LEAST_ONE,
     ("teachers", "ema_decay"): (lambda v: 0 <= v < 1, "in [0, 1)"),
     ("teachers", "periodic_every"): _AT_LEAST_ONE,
@@ -312,6 +363,9 @@ RANGES: dict[tuple[str, str], tuple[Any, str]] = {
     ("objective", "jsd_beta"): _UNIT_CLOSED,
     ("objective", "position_chunk"): _AT_LEAST_ONE,
     ("objective", "grpo_clip"): _POSITIVE,
+    ("objective", "grpo_iterations"): _AT_LEAST_ONE,
+    ("objective", "opsd_temperature"): _POSITIVE,
+    ("objective", "opsd_clip"): _POSITIVE,
     ("train", "steps"): _NON_NEGATIVE,
     ("train", "batch_size"): _AT_LEAST_ONE,
     ("train", "micro_batch_size"): _AT_LEAST_ONE,
@@ -440,7 +494,17 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("rollout.num_generations must be >= 2 for GRPO (group-relative advantages)")
     if cfg.skills.extractor == "openai" and not cfg.skills.extractor_base_url:
         raise ConfigError("skills.extractor=openai needs skills.extractor_base_url")
+    if cfg.train.method == "sgsd" and cfg.teachers.count > retrieval_top_k(cfg):
+        raise ConfigError(
+            f"teachers.count ({cfg.teachers.count}) exceeds skills.top_k ({cfg.skills.top_k}): "
+            "SGSD builds one teacher per retrieved pair"
+        )
     return cfg
+
+
+def retrieval_top_k(cfg: Config) -> int:
+    """Pairs retrieved per problem: skills.top_k, or teachers.count when it is null."""
+    return cfg.skills.top_k if cfg.skills.top_k is not None else cfg.teachers.count
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:

@@ -537,6 +537,130 @@ def grpo_loss(
 
 
 # ----------------------------------------------------------------------------
+# The official code's OPSD divergence and top-K gate (docs/FIDELITY.md)
+
+ClipScope = Literal["entry", "token"]
+
+
+def opsd_forward_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 1.0,
+    clip: float | None = None,
+    clip_scope: ClipScope = "entry",
+) -> torch.Tensor:
+    """OPSD's forward KL as the official code computes it, per position: logits [..., V] -> [...].
+
+    With p = softmax(logits / temperature) on both sides (teacher stop-gradient), the terms
+    d_v = p_T(v) (log p_T(v) - log p_S(v)) are summed over v. `clip` caps the divergence from above:
+    clip_scope="entry" caps each term d_v before the sum (the official code: TRL's elementwise kl_div,
+    clamp(max=clip), then the sum over v), "token" caps the per-position sum. A capped term passes no
+    gradient; negative terms are never capped, so an entry-capped total can be below the uncapped one
+    minus the excess. temperature=1 and clip=None give `forward_kl` exactly.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if clip is not None and clip <= 0:
+        raise ValueError(f"clip must be > 0 or None, got {clip}")
+    if clip_scope not in ("entry", "token"):
+        raise ValueError(f"clip_scope must be entry or token, got {clip_scope!r}")
+    logp_s = torch.log_softmax(_as_float(student_logits) / temperature, dim=-1)  # [..., V]
+    logp_t = torch.log_softmax(_as_float(teacher_logits.detach()) / temperature, dim=-1)  # [..., V]
+    terms = logp_t.exp() * torch.where(logp_t > float("-inf"), logp_t - logp_s, 0.0)  # [..., V]
+    if clip is not None and clip_scope == "entry":
+        terms = terms.clamp(max=clip)  # [..., V]
+    per_position = terms.sum(-1)  # [...]
+    if clip is not None and clip_scope == "token":
+        per_position = per_position.clamp(max=clip)
+    return per_position
+
+
+def local_support_ids(support_idx: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+    """The ids of the local support as `local_support_terms_from_gathered` expects them: [n, k + 1],
+    the teacher's top-k `support_idx` [n, k] then the sampled `token` [n] (counted only when outside)."""
+    return torch.cat([support_idx, token.unsqueeze(-1)], dim=-1)  # [n, k + 1]
+
+
+def local_support_terms(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, support_idx: torch.Tensor, token: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-K local support as the official code uses it (Section 4.5, Fig. 3(a)) -> three [n] tensors.
+
+    Support S = `support_idx` [n, k] (the teacher's top-k ids) plus the sampled `token` [n] when it is
+    not among them; both distributions are renormalised on S (logits [n, V]; teacher stop-gradient).
+    Returns (log p_S,S(y) with grad, log p_T,S(y), KL_S(p_T || p_S) = sum_{v in S} p_T,S(v) (log p_T,S(v)
+    - log p_S,S(v)) with grad through the student). The first two equal `topk_support_logprobs`.
+    """
+    teacher_gathered = teacher_logits.detach().gather(-1, local_support_ids(support_idx, token))  # [n, k+1]
+    return local_support_terms_from_gathered(student_logits, teacher_gathered, support_idx, token)
+
+
+def local_support_terms_from_gathered(
+    student_logits: torch.Tensor,
+    teacher_support_logits: torch.Tensor,
+    support_idx: torch.Tensor,
+    token: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`local_support_terms` with the teacher's logits already gathered at `local_support_ids` ([n, k + 1]),
+    so a teacher pass can keep k + 1 values per position instead of the vocabulary."""
+    ids = local_support_ids(support_idx, token)  # [n, k + 1]
+    extra = ~(support_idx == token.unsqueeze(-1)).any(-1)  # [n]  the sampled token is outside the top-k
+    keep = torch.ones_like(ids, dtype=torch.bool)  # [n, k + 1]
+    keep[:, -1] = extra
+    s = _as_float(student_logits).gather(-1, ids).masked_fill(~keep, float("-inf"))  # [n, k + 1]
+    t = _as_float(teacher_support_logits.detach()).masked_fill(~keep, float("-inf"))  # [n, k + 1]
+    logp_s = s - torch.logsumexp(s, dim=-1, keepdim=True)  # [n, k + 1]
+    logp_t = t - torch.logsumexp(t, dim=-1, keepdim=True)  # [n, k + 1]
+    local_kl = (logp_t.exp() * torch.where(keep, logp_t - logp_s, 0.0)).sum(-1)  # [n]
+    # the sampled token sits in the last slot when outside the top-k, else at its top-k slot
+    at = torch.where(extra, ids.shape[-1] - 1, (support_idx == token.unsqueeze(-1)).int().argmax(-1))  # [n]
+    student_local = logp_s.gather(-1, at.unsqueeze(-1)).squeeze(-1)  # [n]
+    teacher_local = logp_t.gather(-1, at.unsqueeze(-1)).squeeze(-1)  # [n]
+    return student_local, teacher_local, local_kl
+
+
+def sgsd_local_kl_loss(
+    student_local_logp: torch.Tensor,
+    teacher_local_logp: torch.Tensor,
+    local_kl: torch.Tensor,
+    mask: torch.Tensor,
+    reward: torch.Tensor,
+    retrieval_scores: torch.Tensor,
+    teacher_mask: torch.Tensor,
+    tau: float = 1.0,
+    clip: float | None = 3.0,
+    threshold: float = 0.05,
+    eps: float = 1e-8,
+    use_polarity: bool = True,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The official top-K variant of SGSD: the gate reads the local forward KL, polarity the local gap.
+
+    Inputs are [B, K, T] from `local_support_terms` (per teacher): `student_local_logp` and
+    `teacher_local_logp` give the sampled-token gaps for robust support and polarity (Eqs. 11-13);
+    `local_kl` (with grad) replaces Delta in the gate, l_k = masked mean of l_gate(KL_t) (Eq. 15).
+    Other arguments and the return value are those of `sgsd_loss` (its "mean_abs_delta" is then the
+    mean local KL).
+    """
+    if local_kl.dim() != 3:
+        raise ValueError(f"local_kl must be [B, K, T], got shape {tuple(local_kl.shape)}")
+    gaps = _as_float(teacher_local_logp).detach() - _as_float(student_local_logp).detach()  # [B, K, T]
+    return sgsd_loss(
+        -_as_float(local_kl),  # teacher 0 minus this = the local KL, the gate's input
+        torch.zeros_like(_as_float(local_kl)),
+        mask,
+        reward,
+        retrieval_scores,
+        teacher_mask,
+        tau=tau,
+        clip=clip,
+        threshold=threshold,
+        eps=eps,
+        use_polarity=use_polarity,
+        support_delta=gaps,
+    )
+
+
+# ----------------------------------------------------------------------------
 # Named objectives
 
 
@@ -584,10 +708,15 @@ __all__ = [
     "generalized_jsd",
     "group_advantages",
     "grpo_loss",
+    "local_support_ids",
+    "local_support_terms",
+    "local_support_terms_from_gathered",
+    "opsd_forward_kl",
     "polarity",
     "reverse_kl",
     "robust_support",
     "sampled_rkl_loss",
+    "sgsd_local_kl_loss",
     "sgsd_loss",
     "teacher_weights",
     "topk_support_logprobs",

@@ -134,6 +134,60 @@ def skills_in_prompt(question: str, pairs: Iterable[Any], answer: str | None = N
 
 
 # ---------------------------------------------------------------------------------------------------
+# The official code's reference-solution contexts (teachers.answer_template = official)
+#
+# The official OPSD teacher sees the problem, then a reference-solution block whose "solution" is the
+# answer line, then a transition paragraph and the instruction (OPSD+Skill: the skill-augmented student
+# message first, and "--" in the transition); its SGSD trainer, asked to add the answer (Fig. 3(d)),
+# puts the same block without the transition after the guidance and the problem.
+
+OPSD_TRANSITION = (
+    "\n\nAfter reading the reference solution above, make sure you truly understand the reasoning behind "
+    "each step - do not copy or paraphrase it. Now, using your own words and independent reasoning, derive "
+    "the same final answer to the problem above. Think step by step, explore different approaches, and "
+    "don't be afraid to backtrack or reconsider if something doesn't work out:\n"
+)
+OPSD_SKILL_TRANSITION = OPSD_TRANSITION.replace(" - ", " -- ")
+
+
+def reference_solution(answer: str) -> str:
+    """The official "solution" when only the answer is known: `The answer is \\boxed{X}.` (an answer
+    that already holds \\boxed{ is kept whole)."""
+    answer = answer.strip()
+    return "The answer is " + (answer if "\\boxed{" in answer else "\\boxed{" + answer + "}") + "."
+
+
+def _reference_block(context: str, answer: str, transition: str | None) -> str:
+    text = (
+        context
+        + "\n\nHere is a reference solution to this problem:\n=== Reference Solution Begin ===\n"
+        + reference_solution(answer)
+        + "\n=== Reference Solution End ===\n"
+    )
+    return text + (transition or "") + "\n" + STUDENT_INSTRUCTION
+
+
+def official_opsd_teacher_prompt(question: str, answer: str) -> str:
+    """The official OPSD teacher's user message: `Problem: ...`, the reference block, the transition."""
+    return _reference_block("Problem: " + question, answer, OPSD_TRANSITION)
+
+
+def official_opsd_skill_teacher_prompt(question: str, pairs: Iterable[Any], answer: str) -> str:
+    """The official OPSD+Skill teacher: the student's skill-augmented message (`skills_in_prompt`), then
+    the reference block and the (double-dash) transition."""
+    return _reference_block(skills_in_prompt(question, pairs), answer, OPSD_SKILL_TRANSITION)
+
+
+def official_skill_answer_teacher_prompt(
+    question: str, skill: Any | None, mistake: Any | None, answer: str
+) -> str:
+    """The official SGSD teacher with the reference added (Fig. 3(d)): guidance, `Problem: ...`, then
+    the reference block without a transition."""
+    context = "\n\n".join(p for p in (guidance_block(skill, mistake), "Problem: " + question) if p)
+    return _reference_block(context, answer, None)
+
+
+# ---------------------------------------------------------------------------------------------------
 # Cold start, extraction and merging (Tables 6-10), verbatim from the paper
 
 MEMORY_GENERATION_TEMPLATE = (

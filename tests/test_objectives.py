@@ -32,11 +32,16 @@ from sgsd.objectives import (
     generalized_jsd,
     group_advantages,
     grpo_loss,
+    local_support_ids,
+    local_support_terms,
+    local_support_terms_from_gathered,
     objective_spec,
+    opsd_forward_kl,
     polarity,
     reverse_kl,
     robust_support,
     sampled_rkl_loss,
+    sgsd_local_kl_loss,
     sgsd_loss,
     teacher_weights,
     topk_support_logprobs,
@@ -790,3 +795,178 @@ def test_objective_registry_names_the_valid_objectives():
     assert objective_spec("grpo").scores == "policy"
     with pytest.raises(ValueError, match="valid objectives: gated, sampled_rkl, forward_kl"):
         objective_spec("kl")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The official code's OPSD divergence, top-K gate and GRPO passes (docs/FIDELITY.md)
+
+LOG3 = math.log(3.0)
+
+
+def test_opsd_forward_kl_by_hand():
+    # p_T = softmax([0, 0]) = [1/2, 1/2]; p_S = softmax([log 3, 0]) = [3/4, 1/4]
+    # terms: 1/2 log((1/2)/(3/4)) = 1/2 log(2/3) = -0.2027326; 1/2 log((1/2)/(1/4)) = 1/2 log 2 = 0.3465736
+    student = torch.tensor([[LOG3, 0.0]], requires_grad=True)
+    teacher = torch.zeros(1, 2)
+    t1, t2 = 0.5 * math.log(2 / 3), 0.5 * math.log(2.0)
+    plain = opsd_forward_kl(student, teacher)
+    assert plain.item() == pytest.approx(t1 + t2, **APPROX)  # 0.1438410
+    assert plain.item() == pytest.approx(forward_kl(student, teacher).item(), **APPROX)
+    # entry clamp at 0.05: the positive term is capped, the negative one is not: -0.2027326 + 0.05
+    entry = opsd_forward_kl(student, teacher, clip=0.05, clip_scope="entry")
+    assert entry.item() == pytest.approx(t1 + 0.05, **APPROX)  # -0.1527326
+    # token clamp: min(0.1438410, 0.05)
+    token = opsd_forward_kl(student, teacher, clip=0.05, clip_scope="token")
+    assert token.item() == pytest.approx(0.05, **APPROX)
+
+
+def test_opsd_forward_kl_divides_logits_by_the_temperature():
+    # T = 2: p_S = softmax([log 3 / 2, 0]) = [sqrt 3, 1] / (sqrt 3 + 1); teacher still uniform
+    student = torch.tensor([[LOG3, 0.0]])
+    s0, s1 = math.sqrt(3) / (math.sqrt(3) + 1), 1 / (math.sqrt(3) + 1)
+    expected = 0.5 * math.log(0.5 / s0) + 0.5 * math.log(0.5 / s1)  # 0.0372630
+    assert opsd_forward_kl(student, torch.zeros(1, 2), temperature=2.0).item() == pytest.approx(
+        expected, **APPROX
+    )
+    # the teacher's logits are divided too: teacher [2, 0] at T = 2 is softmax([1, 0])
+    teacher = torch.tensor([[2.0, 0.0]])
+    p0 = math.e / (math.e + 1)
+    expected = p0 * math.log(p0 / s0) + (1 - p0) * math.log((1 - p0) / s1)
+    assert opsd_forward_kl(student, teacher, temperature=2.0).item() == pytest.approx(expected, **APPROX)
+
+
+def test_opsd_forward_kl_gradients_skip_capped_terms():
+    # unclipped: d/ds sum_v p_T (log p_T - log p_S) = p_S - p_T = [1/4, -1/4]
+    # entry clamp: only the uncapped term 1/2 (log p_T0 - log p_S0) remains: -1/2 (e_0 - p_S) = [-1/8, 1/8]
+    # token clamp active: the whole position is capped, gradient 0
+    for clip, scope, expected in [(None, "entry", [0.25, -0.25]), (0.05, "entry", [-0.125, 0.125]),
+                                  (0.05, "token", [0.0, 0.0])]:  # fmt: skip
+        student = torch.tensor([[LOG3, 0.0]], requires_grad=True)
+        opsd_forward_kl(student, torch.zeros(1, 2), clip=clip, clip_scope=scope).sum().backward()
+        assert_close(student.grad, [expected])
+
+
+def test_opsd_forward_kl_ignores_zero_probability_teacher_entries_and_checks_arguments():
+    student = torch.tensor([[0.0, 0.0, 5.0]], requires_grad=True)
+    teacher = torch.tensor([[0.0, 0.0, float("-inf")]])
+    value = opsd_forward_kl(student, teacher, temperature=1.1, clip=0.05)
+    value.backward()
+    assert torch.isfinite(value).all() and torch.isfinite(student.grad).all()
+    for kwargs in (dict(temperature=0.0), dict(clip=0.0), dict(clip=1.0, clip_scope="row")):
+        with pytest.raises(ValueError):
+            opsd_forward_kl(student, teacher, **kwargs)
+
+
+def test_local_support_terms_by_hand():
+    # teacher logits [2, 1, 0, -1], uniform student; top-2 support {0, 1}
+    teacher = torch.tensor([[2.0, 1.0, 0.0, -1.0]] * 2)
+    student = torch.zeros(2, 4, requires_grad=True)
+    support = torch.tensor([[0, 1], [0, 1]])
+    token = torch.tensor([3, 1])  # row 0: outside the top-2 -> support {0, 1, 3}; row 1: inside -> {0, 1}
+    s_local, t_local, kl = local_support_terms(student, teacher, support, token)
+    z0, z1 = math.exp(2) + math.exp(1) + math.exp(-1), math.exp(2) + math.exp(1)
+    p0 = [math.exp(2) / z0, math.exp(1) / z0, math.exp(-1) / z0]
+    p1 = [math.exp(2) / z1, math.exp(1) / z1]
+    assert_close(s_local, [-LOG3, -math.log(2)])
+    assert_close(t_local, [-1 - math.log(z0), 1 - math.log(z1)])
+    # KL(p_T,S || uniform on S) = log |S| - H(p_T,S)
+    assert_close(
+        kl, [LOG3 + sum(p * math.log(p) for p in p0), math.log(2) + sum(p * math.log(p) for p in p1)]
+    )
+    # the sampled-token values are those of topk_support_logprobs
+    assert_close(s_local, topk_support_logprobs(student, support, token).tolist())
+    assert_close(t_local, topk_support_logprobs(teacher, support, token).tolist())
+    kl.sum().backward()  # grad of KL_S wrt student logits = p_S,S - p_T,S on S, 0 off S
+    assert_close(student.grad, [[1 / 3 - p0[0], 1 / 3 - p0[1], 0.0, 1 / 3 - p0[2]],
+                                [0.5 - p1[0], 0.5 - p1[1], 0.0, 0.0]])  # fmt: skip
+
+
+def test_sgsd_local_kl_loss_gates_the_local_kl_and_takes_polarity_from_the_local_gap():
+    # one problem, one teacher, two tokens: local KL [0.5, 1.0], local gaps teacher - student [0.2, 0.1]
+    # support = 0.15 > 0.05 -> rho = +1 for a success, -1 for a failure
+    # loss = (l(0.5) + l(1)) / 2 = (0.0605481 + 0.2190702) / 2 = 0.1398092
+    # d loss / d KL_t = g(KL_t) / 2 with g(D) = D / (1 + exp(D^2 / 2)): g(0.5) = 0.4687813, g(1) = 0.3775407
+    common = dict(
+        mask=torch.ones(1, 2),
+        retrieval_scores=torch.zeros(1, 1),
+        teacher_mask=torch.ones(1, 1, dtype=torch.bool),
+    )
+    student_local = torch.tensor([[[-1.2, -2.1]]])
+    teacher_local = torch.tensor([[[-1.0, -2.0]]])
+    for reward, sign in ((1.0, 1.0), (-1.0, -1.0)):
+        kl = torch.tensor([[[0.5, 1.0]]], requires_grad=True)
+        loss, metrics = sgsd_local_kl_loss(
+            student_local, teacher_local, kl, reward=torch.tensor([reward]), **common
+        )
+        assert loss.item() == pytest.approx(sign * 0.1398092, **APPROX)
+        assert metrics["mean_support"].item() == pytest.approx(0.15, **APPROX)
+        loss.backward()
+        g = [d / (1 + math.exp(d * d / 2)) for d in (0.5, 1.0)]
+        assert_close(kl.grad, [[[sign * g[0] / 2, sign * g[1] / 2]]])
+    # a local gap below the threshold makes the teacher neutral: no loss, whatever the KL
+    kl = torch.tensor([[[0.5, 1.0]]])
+    loss, _ = sgsd_local_kl_loss(
+        teacher_local - 0.01, teacher_local, kl, reward=torch.tensor([1.0]), **common
+    )
+    assert loss.item() == 0.0
+
+
+def test_grpo_second_pass_is_clipped_with_old_logprobs_from_before_the_first():
+    # mu = 2 passes over one batch. Old log-probs are taken once, before the first pass: there the ratio is 1
+    # and the clip is inactive; after one update the second pass sees ratios != 1 and the clip cuts them.
+    logits = torch.zeros(2, 3, 4, requires_grad=True)  # [B, T, V] a tiny tabular policy
+    tokens = torch.tensor([[0, 1, 2], [3, 0, 1]])  # [B, T] the sampled completion tokens
+    adv = torch.tensor([1.0, -1.0])  # [B]
+    mask = torch.ones(2, 3)
+
+    def logp():
+        return torch.log_softmax(logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # [B, T]
+
+    old = logp().detach()  # before the first pass
+    opt = torch.optim.SGD([logits], lr=5.0)
+    loss1, m1 = grpo_loss(logp(), old, adv, mask, clip_eps=0.2, aggregation="sequence_mean")
+    assert m1["mean_ratio"].item() == pytest.approx(1.0) and m1["clip_fraction"].item() == 0.0
+    opt.zero_grad()
+    loss1.backward()
+    opt.step()
+    opt.zero_grad()
+    second = logp()
+    loss2, m2 = grpo_loss(second, old, adv, mask, clip_eps=0.2, aggregation="sequence_mean")
+    ratio = torch.exp(second.detach() - old)
+    # A = +1 raised its tokens' probability, A = -1 lowered them, both beyond the 0.2 band
+    assert (ratio[0] > 1.2).all() and (ratio[1] < 0.8).all()
+    assert m2["clip_fraction"].item() == 1.0
+    loss2.backward()
+    assert logits.grad.abs().max().item() == 0.0  # every token clipped: no gradient from the second pass
+    # the surrogate's value is the clipped one: -(1.2 * 1) for row 0 and -(0.8 * -1) for row 1, mean -0.2
+    assert loss2.item() == pytest.approx(-0.2, **APPROX)
+
+
+def test_grpo_second_pass_by_hand():
+    # ratios after the first pass: row 0 [1.5, 0.9] with A = +1 (sequence_mean over 2 tokens)
+    # per-token -min(r A, clip(r) A) = [-min(1.5, 1.2), -min(0.9, 0.9)] = [-1.2, -0.9]; loss -1.05
+    # gradient: 0 on the clipped token, -r A / 2 = -0.45 on the other
+    old = torch.tensor([[-1.0, -2.0]])
+    new = (old + torch.log(torch.tensor([[1.5, 0.9]]))).requires_grad_(True)
+    loss, metrics = grpo_loss(new, old, torch.tensor([1.0]), torch.ones(1, 2), 0.2, "sequence_mean")
+    assert loss.item() == pytest.approx(-1.05, **APPROX)
+    assert metrics["clip_fraction"].item() == pytest.approx(0.5)
+    loss.backward()
+    assert_close(new.grad, [[0.0, -0.45]])
+
+
+def test_local_support_terms_from_gathered_teacher_logits_match_and_stay_finite():
+    torch.manual_seed(0)
+    n, V, k = 6, 11, 3
+    student = torch.randn(n, V, requires_grad=True)
+    teacher = torch.randn(n, V)
+    support = teacher.topk(k, dim=-1).indices  # [n, k]
+    token = torch.tensor([support[0, 0].item(), 10, support[2, 2].item(), 0, 5, support[5, 1].item()])
+    full = local_support_terms(student, teacher, support, token)
+    gathered = teacher.gather(-1, local_support_ids(support, token))  # [n, k + 1]
+    again = local_support_terms_from_gathered(student, gathered, support, token)
+    for a, b in zip(full, again):
+        assert_close(a, b.tolist())
+    assert_close(full[0], topk_support_logprobs(student, support, token).tolist())
+    sum(t.sum() for t in (full[0], full[2])).backward()
+    assert torch.isfinite(student.grad).all()

@@ -261,3 +261,43 @@ def test_render_chat_keeps_assistant_content(fresh_tokenizer):
     text = render_chat(fresh_tokenizer, messages, enable_thinking=True)
     assert "<|im_start|>assistant\n<think>\nok\n</think>\n\nhello<|im_end|>" in text
     assert f"hi <{prompts.ZERO_WIDTH_SPACE}think>" in text
+
+
+# ---------------------------------------------------------------------------------------------------
+# The official code's reference-solution contexts (teachers.answer_template = official)
+
+INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+TRANSITION_TEXT = (
+    "After reading the reference solution above, make sure you truly understand the reasoning behind each "
+    "step - do not copy or paraphrase it. Now, using your own words and independent reasoning, derive the "
+    "same final answer to the problem above. Think step by step, explore different approaches, and don't be "
+    "afraid to backtrack or reconsider if something doesn't work out:"
+)
+REFERENCE = (
+    "Here is a reference solution to this problem:\n"
+    "=== Reference Solution Begin ===\nThe answer is \\boxed{4}.\n=== Reference Solution End ===\n"
+)
+
+
+def test_official_opsd_teacher_prompt_is_the_official_text():
+    # official: "Problem: {q}\n\n" + reference block + "\n\n" + transition + ":\n" + "\n" + instruction
+    expected = "Problem: What is 2+2?\n\n" + REFERENCE + "\n\n" + TRANSITION_TEXT + "\n\n" + INSTRUCTION
+    assert prompts.official_opsd_teacher_prompt("What is 2+2?", "4") == expected
+    # an answer that already holds \boxed{ is kept whole
+    assert "The answer is \\boxed{4}." in prompts.official_opsd_teacher_prompt("What is 2+2?", " \\boxed{4} ")
+
+
+def test_official_opsd_skill_teacher_prompt_starts_with_the_student_message():
+    student = skills_in_prompt("What is 2+2?", [(SKILL, MISTAKE)])
+    transition = TRANSITION_TEXT.replace("step - do", "step -- do")
+    expected = student + "\n\n" + REFERENCE + "\n\n" + transition + "\n\n" + INSTRUCTION
+    assert prompts.official_opsd_skill_teacher_prompt("What is 2+2?", [(SKILL, MISTAKE)], "4") == expected
+
+
+def test_official_skill_answer_teacher_prompt_has_no_transition():
+    expected = (
+        guidance_block(SKILL, MISTAKE) + "\n\nProblem: What is 2+2?\n\n" + REFERENCE + "\n" + INSTRUCTION
+    )
+    assert prompts.official_skill_answer_teacher_prompt("What is 2+2?", SKILL, MISTAKE, "4") == expected
+    # untrusted braces pass through verbatim
+    assert "{x}" in prompts.official_opsd_teacher_prompt("Find {x}.", "{1}")

@@ -84,6 +84,70 @@ def test_build_command(tmp_path, capsys, scripted):
     assert "2 solved, 2 failed" in text and "wrote" in text
 
 
+def test_build_with_a_config_takes_alg2_settings_from_it(tmp_path, capsys, scripted, monkeypatch):
+    import sgsd.skills.build as build_module
+
+    seen = {}
+    real = build_module.cold_start
+
+    def spy(problems, generator, grade, **kw):
+        seen.update(kw, problems=len(problems))
+        return real(problems, generator, grade, **kw)
+
+    monkeypatch.setattr(build_module, "cold_start", spy)
+    monkeypatch.setattr(
+        bank_cmd, "_load_problems", lambda args: seen.update(args=vars(args).copy()) or PROBLEMS
+    )
+    bank_path = tmp_path / "banks" / "model.json"
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        "model: {name: some/model, dtype: bfloat16}\n"
+        "data: {train_source: 'hf:dapo_math', seed: 7}\n"
+        f"skills: {{bank: {bank_path}, cold_start_problems: 4, cold_start_max_new_tokens: 38912,\n"
+        "  cold_start_temperature: 1.0, cold_start_top_p: 0.95, cold_start_enable_thinking: true,\n"
+        "  extractor_max_new_tokens: 4096, extractor_enable_thinking: true, merge_group_size: 16}\n"
+    )
+    assert main(["bank", "build", "--config", str(cfg), "--patience", "5"]) == 0
+    assert load_bank(bank_path).general_skills  # written where the config's skills.bank points
+    args = seen["args"]
+    assert (args["source"], args["n"], args["seed"], args["model"], args["dtype"]) == (
+        "hf:dapo_math", 4, 7, "some/model", "bfloat16"
+    )  # fmt: skip
+    assert (seen["solve_params"].max_new_tokens, seen["solve_params"].top_p, seen["solve_params"].seed) == (
+        38912, 0.95, 7
+    )  # fmt: skip
+    assert seen["extract_params"].max_new_tokens == 4096
+    assert seen["solve_thinking"] is True and seen["extract_thinking"] is True
+    assert (seen["group_size"], seen["patience"]) == (16, 5)  # a flag overrides the config
+
+
+def test_build_without_out_or_config_is_a_one_line_error(capsys, scripted, tmp_path):
+    _one_line_error(capsys, ["bank", "build", "--n", "2"], "give --out FILE")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("skills: {bank: 'builtin:starter'}\n")
+    _one_line_error(capsys, ["bank", "build", "--config", str(cfg)], "not a file; give --out FILE")
+
+
+def test_build_reads_the_paper_configs_cold_start(monkeypatch):
+    from argparse import Namespace
+
+    names = ("source", "n", "seed", "out", "max_new_tokens", "temperature", "top_p", "solve_thinking")
+    args = Namespace(config="paper/qwen3-1.7b/sgsd", **dict.fromkeys(names), model=None, dtype=None,
+                     extract_max_new_tokens=None, thinking=None, group_size=None, patience=None,
+                     group_by_similarity=None)  # fmt: skip
+    bank_cmd.resolve_settings(args)
+    assert (args.source, args.n, args.model, args.out) == (
+        "hf:dapo_math", 256, "Qwen/Qwen3-1.7B", "banks/qwen3-1.7b.json"
+    )  # fmt: skip
+    assert (args.max_new_tokens, args.temperature, args.top_p, args.solve_thinking) == (
+        38912,
+        1.0,
+        0.95,
+        True,
+    )
+    assert (args.extract_max_new_tokens, args.thinking, args.group_size, args.patience) == (4096, True, 32, 3)
+
+
 def test_stats_reads_a_run_folder(tmp_path, capsys):
     ledger = SkillLedger()
     s = GeneralSkill("gen_001", "Keep a running total", "p", "w")

@@ -221,6 +221,28 @@ def test_evolver_triggers_window_and_threshold():
     assert report["skipped"] == "empty window"
 
 
+def test_evolver_step_window_reads_only_the_update_steps_records():
+    # window_mode=step (the official choice): at step 10 only step 10's records count; the failures of
+    # steps 7-9 are dropped, so the success rate is 1.0 and no extraction call is made
+    evo = OnlineEvolver(update_every=5, window_mode="step", params=PARAMS, prompts=TEST_PROMPTS)
+    gen = FakeGenerator(scripted_evolution)
+    for step in (7, 8, 9):
+        evo.add_records(records(step, [-1, -1]), step=step)
+    evo.add_records(records(10, [1, 1, 1]), step=10)
+    same, report = evo.maybe_update(10, base_bank(), gen)
+    assert report["window"] == 3 and report["success_rate"] == 1.0 and not report["updated"]
+    assert gen.prompts == []
+    # the same records with the default window (last F steps): 3 / 9 successes, an update runs
+    evo = OnlineEvolver(update_every=5, params=PARAMS, prompts=TEST_PROMPTS)
+    for step in (7, 8, 9):
+        evo.add_records(records(step, [-1, -1]), step=step)
+    evo.add_records(records(10, [1, 1, 1]), step=10)
+    _, report = evo.maybe_update(10, base_bank(), gen)
+    assert report["window"] == 9 and report["success_rate"] == pytest.approx(1 / 3) and report["updated"]
+    with pytest.raises(ValueError, match="window_mode"):
+        OnlineEvolver(window_mode="last")
+
+
 def test_evolver_window_survives_a_checkpoint():
     evo = OnlineEvolver(update_every=5)
     evo.add_records(records(3, [1, -1]))

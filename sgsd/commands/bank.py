@@ -1,6 +1,7 @@
 """`sgsd bank`: build, merge, inspect and search skill banks; show the skill ledger.
 
 sgsd bank build --source reasoning_gym:chain_sum --n 64 --out bank.json      (Alg. 2)
+sgsd bank build --config paper/qwen3-1.7b/sgsd        (Alg. 2 with that config's settings, to skills.bank)
 sgsd bank build --openai-base-url http://localhost:8000/v1 --openai-model M --out bank.json
 sgsd bank merge bank.json --out merged.json                                   (Alg. 3)
 sgsd bank show builtin:starter
@@ -19,14 +20,28 @@ HELP = "build, merge, show and search skill banks; show the skill ledger of a ru
 def add_arguments(parser):
     sub = parser.add_subparsers(dest="bank_command", metavar="ACTION", required=True)
 
-    build = sub.add_parser("build", help="cold-start a bank from seed problems (Alg. 2)")
-    build.add_argument("--source", default="reasoning_gym:chain_sum", help="problem source (see sgsd.data)")
-    build.add_argument("--n", type=int, default=256, help="seed problems (paper: 256)")
-    build.add_argument("--seed", type=int, default=0, help="problem sampling seed")
-    build.add_argument("--out", required=True, help="bank file to write")
-    build.add_argument("--max-new-tokens", type=int, default=1024, help="solution token budget")
-    build.add_argument("--temperature", type=float, default=1.0, help="solution sampling temperature")
-    build.add_argument("--top-p", type=float, default=0.95, help="solution nucleus sampling")
+    build = sub.add_parser(
+        "build",
+        help="cold-start a bank from seed problems (Alg. 2)",
+        description="Alg. 2. Settings come from the flags, else from --config (see CONFIG_SETTINGS), else "
+        "from the demo defaults.",
+    )
+    build.add_argument(
+        "--config",
+        "-c",
+        help="a config (file or packaged name): seed problems, model, sampling and merge settings, and "
+        "the output file (skills.bank) come from it; flags still override",
+    )
+    build.add_argument("--source", help="problem source (see sgsd.data); default reasoning_gym:chain_sum")
+    build.add_argument("--n", type=int, help="seed problems (paper: 256)")
+    build.add_argument("--seed", type=int, help="problem sampling seed (default 0)")
+    build.add_argument("--out", help="bank file to write (default with --config: its skills.bank)")
+    build.add_argument("--max-new-tokens", type=int, help="solution token budget (default 1024)")
+    build.add_argument("--temperature", type=float, help="solution sampling temperature (default 1.0)")
+    build.add_argument("--top-p", type=float, help="solution nucleus sampling (default 0.95)")
+    build.add_argument(
+        "--solve-thinking", action="store_true", default=None, help="thinking mode for the solutions"
+    )
     _llm_arguments(build)
 
     merge = sub.add_parser("merge", help="merge a bank's collections again (Alg. 3)")
@@ -51,20 +66,81 @@ def add_arguments(parser):
 
 
 def _llm_arguments(p):
-    p.add_argument("--model", default="embedded:qwen2.5-coder-0.5b", help="policy used for the calls")
-    p.add_argument("--dtype", default="auto", help="model dtype")
+    p.add_argument("--model", help="policy used for the calls (default embedded:qwen2.5-coder-0.5b)")
+    p.add_argument("--dtype", help="model dtype (default auto)")
     p.add_argument("--openai-base-url", help="use an OpenAI-compatible endpoint instead of --model")
     p.add_argument("--openai-model", help="model name at the endpoint")
+    p.add_argument("--extract-max-new-tokens", type=int, help="token budget per extraction/merge call (2048)")
     p.add_argument(
-        "--extract-max-new-tokens", type=int, default=2048, help="token budget per extraction/merge call"
+        "--thinking", action="store_true", default=None, help="thinking mode for extraction/merge calls"
     )
-    p.add_argument("--thinking", action="store_true", help="thinking mode for extraction/merge calls")
-    p.add_argument("--group-size", type=int, default=32, help="merge group size H")
-    p.add_argument("--patience", type=int, default=3, help="merge stagnation patience P")
+    p.add_argument("--group-size", type=int, help="merge group size H (default 32)")
+    p.add_argument("--patience", type=int, help="merge stagnation patience P (default 3)")
     p.add_argument(
-        "--group-by-similarity", action="store_true", help="form merge groups by embedding similarity"
+        "--group-by-similarity",
+        action="store_true",
+        default=None,
+        help="form merge groups by embedding similarity",
     )
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generator call")
+
+
+# argument -> its default without --config
+DEMO_SETTINGS = {
+    "source": "reasoning_gym:chain_sum",
+    "n": 256,
+    "seed": 0,
+    "out": None,
+    "max_new_tokens": 1024,
+    "temperature": 1.0,
+    "top_p": 0.95,
+    "solve_thinking": False,
+    "model": "embedded:qwen2.5-coder-0.5b",
+    "dtype": "auto",
+    "extract_max_new_tokens": 2048,
+    "thinking": False,
+    "group_size": 32,
+    "patience": 3,
+    "group_by_similarity": False,
+}
+# argument -> the config key it is read from with --config (Alg. 2 and Alg. 3 settings of that run)
+CONFIG_SETTINGS = {
+    "source": "data.train_source",
+    "n": "skills.cold_start_problems",
+    "seed": "data.seed",
+    "out": "skills.bank",
+    "max_new_tokens": "skills.cold_start_max_new_tokens",
+    "temperature": "skills.cold_start_temperature",
+    "top_p": "skills.cold_start_top_p",
+    "solve_thinking": "skills.cold_start_enable_thinking",
+    "model": "model.name",
+    "dtype": "model.dtype",
+    "extract_max_new_tokens": "skills.extractor_max_new_tokens",
+    "thinking": "skills.extractor_enable_thinking",
+    "group_size": "skills.merge_group_size",
+    "patience": "skills.merge_patience",
+    "group_by_similarity": "skills.merge_group_by_similarity",
+}
+
+
+def resolve_settings(args):
+    """Fill every setting the command line left unset (None): from `--config` (CONFIG_SETTINGS) when
+    given, else from DEMO_SETTINGS. Returns `args`, changed in place."""
+    cfg = None
+    if getattr(args, "config", None):
+        from sgsd.config import load_config
+        from sgsd.configs import resolve_config_path
+
+        cfg = load_config(resolve_config_path(args.config))
+    for name, default in DEMO_SETTINGS.items():
+        if getattr(args, name, default) is not None or not hasattr(args, name):
+            continue
+        if cfg is not None:
+            section, key = CONFIG_SETTINGS[name].split(".")
+            setattr(args, name, getattr(getattr(cfg, section), key))
+        else:
+            setattr(args, name, default)
+    return args
 
 
 def run(args) -> int:
@@ -134,10 +210,17 @@ def _check_out(path: str) -> Path:
 
 
 def _build(args) -> int:
+    from sgsd.errors import UserError
     from sgsd.fileio import atomic_write_json
     from sgsd.skills.build import cold_start
 
+    resolve_settings(args)
+    if args.out is None:
+        raise UserError("give --out FILE (or --config, whose skills.bank names the file)")
+    if args.out.startswith("builtin:"):
+        raise UserError(f"the config's skills.bank is {args.out}, not a file; give --out FILE")
     out = _check_out(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     problems = _load_problems(args)
     generator = _make_generator(args)
     bank, report = cold_start(
@@ -151,6 +234,7 @@ def _build(args) -> int:
             max_new_tokens=args.max_new_tokens,
             seed=args.seed,
         ),
+        solve_thinking=args.solve_thinking,
         extract_params=_sampling(
             temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=args.extract_max_new_tokens
         ),
@@ -179,6 +263,7 @@ def _merge(args) -> int:
     from sgsd.skills.merge import assign_ids, hierarchical_merge
     from sgsd.skills.parse import ParseStats
 
+    resolve_settings(args)
     out = _check_out(args.out)
     bank = load_bank(args.file)
     generator = _make_generator(args)

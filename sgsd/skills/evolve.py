@@ -1,8 +1,9 @@
 """Online skill evolution (paper Alg. 4, Appendix C.4).
 
 The trainer adds one record per rollout (`add_records`); the evolver keeps those of the last F
-steps (the reference saw only the current micro-batch, about 4 records), and the window is part
-of checkpoints (`state_dict`). `maybe_update(step, bank, generator, ledger)` at every step:
+steps (`window_mode="window"`) or of the update step only (`window_mode="step"`, as the reference,
+which reads the update step's last micro-batch gathered across processes: about 4 records), and the
+window is part of checkpoints (`state_dict`). `maybe_update(step, bank, generator, ledger)` at every step:
 
     skip unless step % F == 0 and the window is not empty
     skip when the window's success rate >= gamma
@@ -57,7 +58,7 @@ class RolloutRecord:
 
 
 class OnlineEvolver:
-    """Alg. 4 with a window of the last `update_every` steps. `params` are the sampling settings of
+    """Alg. 4 with a window of the last `update_every` steps (or of the update step: `window_mode`). `params` are the sampling settings of
     extraction/merge calls (default: greedy with `max_new_tokens`); `prompts` overrides sgsd.prompts;
     `group_embedder` forms merge groups by similarity (see sgsd.skills.merge)."""
 
@@ -79,7 +80,11 @@ class OnlineEvolver:
         params=None,
         prompts=None,
         group_embedder=None,
+        window_mode: str = "window",
     ):
+        if window_mode not in ("step", "window"):
+            raise ValueError(f"window_mode must be step or window, got {window_mode!r}")
+        self.window_mode = window_mode
         self.update_every = update_every
         self.success_threshold = success_threshold
         self.max_new = max_new
@@ -105,14 +110,16 @@ class OnlineEvolver:
 
     def add_records(self, records, step: int | None = None) -> None:
         """Add rollouts (RolloutRecord or dicts with question, completion, reward, answer[, step]);
-        `step` overrides the records' own step. Records older than the last F steps are dropped."""
+        `step` overrides the records' own step. Records older than the last F steps (window_mode
+        "window") or than `step` ("step") are dropped."""
         for r in records:
             self.window.append(r if isinstance(r, RolloutRecord) and step is None else _as_record(r, step))
         if step is not None:
             self._trim(step)
 
     def _trim(self, step: int) -> list[RolloutRecord]:
-        self.window = [r for r in self.window if step - self.update_every < r.step <= step]
+        span = self.update_every if self.window_mode == "window" else 1
+        self.window = [r for r in self.window if step - span < r.step <= step]
         return self.window
 
     def state_dict(self) -> dict:
