@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sgsd.config import Config
+from sgsd.config import Config, retrieval_top_k
 from sgsd.errors import UserError
 from sgsd.methods import MethodSpec
 
@@ -79,7 +79,7 @@ def build_skills(cfg: Config, spec: MethodSpec) -> Skills:
     retriever = Retriever(
         bank,
         embedder,
-        top_k=cfg.teachers.count,
+        top_k=retrieval_top_k(cfg),  # skills.top_k (SGSD cuts them to teachers.count teachers)
         mode=s.retrieval,
         weight_temperature=s.weight_temperature,
         seed=cfg.train.seed,
@@ -102,6 +102,7 @@ def build_skills(cfg: Config, spec: MethodSpec) -> Skills:
             max_new_tokens=s.extractor_max_new_tokens,
             enable_thinking=s.extractor_enable_thinking,
             group_embedder=embedder if s.merge_group_by_similarity else None,
+            window_mode=s.evolution_window,
         )
     return Skills(bank, retriever, ledger, evolver)
 

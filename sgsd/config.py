@@ -492,6 +492,16 @@ def validate(cfg: Config) -> Config:
         )
     if cfg.train.method.startswith("grpo") and cfg.rollout.num_generations < 2:
         raise ConfigError("rollout.num_generations must be >= 2 for GRPO (group-relative advantages)")
+    o = cfg.objective
+    if o.loss != "forward_kl" and (o.opsd_temperature != 1.0 or o.opsd_clip is not None):
+        raise ConfigError(
+            f"objective.opsd_temperature and objective.opsd_clip apply to objective.loss=forward_kl "
+            f"(OPSD's divergence), not to {o.loss}"
+        )
+    if o.grpo_iterations > 1 and not cfg.train.method.startswith("grpo"):
+        raise ConfigError(
+            "objective.grpo_iterations > 1 needs a GRPO method (train.method=grpo or grpo_skill)"
+        )
     if cfg.skills.extractor == "openai" and not cfg.skills.extractor_base_url:
         raise ConfigError("skills.extractor=openai needs skills.extractor_base_url")
     if cfg.train.method == "sgsd" and cfg.teachers.count > retrieval_top_k(cfg):

@@ -387,9 +387,12 @@ def divergence_objective(
     weights: torch.Tensor,
     normalizer: float | None = None,
     eps: float = 1e-8,
+    aggregation: Aggregation = "sequence_mean",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """OPSD and Fig. 3(c): sum over problems of sum_k alpha_k D_k, divided by `normalizer` (default B
     problems), with D_k the masked token mean of teacher k's per-position divergence.
+    With `aggregation="token_mean"` (the official OPSD), D_k is the masked token *sum* and the default
+    normalizer is the number of kept tokens, so the loss is the mean over all kept tokens.
 
     `per_token` [B, K, T] (with grad; e.g. from `sgsd.scoring.score_divergence`), `mask` [B, T],
     `weights` [B, K] teacher weights alpha, 0 for missing teachers. A divergence has no sign to
@@ -401,8 +404,16 @@ def divergence_objective(
                          f"and {tuple(mask.shape)}")  # fmt: skip
     per_teacher = _masked_token_mean(_as_float(per_token), mask.unsqueeze(1), eps)  # [B, K]
     weights = _as_float(weights).detach()  # [B, K]
-    per_problem = (weights * per_teacher).sum(-1)  # [B]
-    loss = per_problem.sum() / (per_token.shape[0] if normalizer is None else normalizer)
+    if aggregation == "token_mean":
+        m = mask.to(per_teacher.dtype).unsqueeze(1)  # [B, 1, T]
+        sums = torch.where(m > 0, _as_float(per_token) * m, 0.0).sum(-1)  # [B, K]
+        total = (weights * sums).sum()
+        loss = total / (m.sum() + eps if normalizer is None else normalizer)
+    elif aggregation == "sequence_mean":
+        per_problem = (weights * per_teacher).sum(-1)  # [B]
+        loss = per_problem.sum() / (per_token.shape[0] if normalizer is None else normalizer)
+    else:
+        raise ValueError(f"aggregation must be token_mean or sequence_mean, got {aggregation!r}")
     with torch.no_grad():
         present = (weights > 0).to(per_teacher.dtype)  # [B, K]
         metrics = {

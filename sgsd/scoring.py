@@ -386,12 +386,15 @@ def _divergence_chunk(
     kind: str,
     beta: float,
     teacher_context: ContextFactory,
+    divergence_fn: Callable | None = None,
 ) -> torch.Tensor:
     """Per-position divergence for student/teacher hidden states `[n, H]` -> `[n]`."""
     divergence = _DIVERGENCES[kind]
     student_logits = parts.logits(student_hidden)  # [n, V]
     with torch.no_grad(), teacher_context() if teacher_context else contextlib.nullcontext():
         teacher_logits = parts.logits(teacher_hidden)  # [n, V]
+    if divergence_fn is not None:
+        return divergence_fn(student_logits, teacher_logits)  # [n]
     if kind == "jsd":
         return divergence(student_logits, teacher_logits, beta=beta)  # [n]
     return divergence(student_logits, teacher_logits)  # [n]
@@ -408,13 +411,16 @@ def score_divergence(
     chunk_size: int = 128,
     chunk_rows: int = 4,
     teacher_context: ContextFactory = None,
+    divergence_fn: Callable | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Full-vocabulary divergence between student and one teacher per completion position.
 
     `kind`: forward_kl = KL(p_T‖p_S), reverse_kl = KL(p_S‖p_T), jsd = generalized JSD(beta) (see
     `sgsd.objectives`). The teacher's hidden states are computed first under no_grad (`chunk_rows`
     rows per forward, inside `teacher_context` if given); then per position chunk, under checkpoint,
-    both heads run in fp32 and only one chunk's `[n, V]` logits are alive. Returns `(per_token [B, T]
+    both heads run in fp32 and only one chunk's `[n, V]` logits are alive. `divergence_fn(student_logits,
+    teacher_logits) -> [n]`, when given, replaces `kind`'s function (e.g. OPSD's tempered, clamped forward
+    KL, `sgsd.objectives.opsd_forward_kl`). Returns `(per_token [B, T]
     fp32 with grad, valid [B, T] bool)`, 0 at padding.
     """
     if kind not in _DIVERGENCES:
@@ -445,7 +451,15 @@ def score_divergence(
     teacher_hidden = teacher_grid[packed.valid]  # [N, H]
     pieces = []
     for c0, c1 in _chunks(student_hidden.shape[0], chunk_size * rows):
-        args = (parts, student_hidden[c0:c1], teacher_hidden[c0:c1], kind, beta, teacher_context)
+        args = (
+            parts,
+            student_hidden[c0:c1],
+            teacher_hidden[c0:c1],
+            kind,
+            beta,
+            teacher_context,
+            divergence_fn,
+        )
         if student_hidden.requires_grad:
             pieces.append(checkpoint(_divergence_chunk, *args, use_reentrant=False))
         else:

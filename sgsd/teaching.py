@@ -13,14 +13,28 @@ rows at a time. `MicroBatchLoss` ties the three together for the trainer; all lo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from sgsd.hostmem import release_freed_memory
 from sgsd.methods import MethodSpec
 from sgsd.metrics import decision_evidence
-from sgsd.objectives import divergence_objective, group_advantages, grpo_loss, sgsd_loss, teacher_weights
-from sgsd.prompts import skills_in_prompt, teacher_prompt
+from sgsd.objectives import (
+    divergence_objective,
+    group_advantages,
+    grpo_loss,
+    opsd_forward_kl,
+    sgsd_loss,
+    teacher_weights,
+)
+from sgsd.prompts import (
+    official_opsd_skill_teacher_prompt,
+    official_opsd_teacher_prompt,
+    official_skill_answer_teacher_prompt,
+    skills_in_prompt,
+    teacher_prompt,
+)
 from sgsd.scoring import (
     completion_token_mask,
     score_divergence,
@@ -39,32 +53,44 @@ class TeacherBatch:
     ledger_pairs: list[list]  # [B][K] the pair behind each teacher; [] for teachers of several pairs
 
 
-def teacher_texts(spec: MethodSpec, problem, pairs: list, count: int, include_answer: bool):
-    """(teacher user messages, retrieval scores, pairs for the ledger) of one rollout."""
+def teacher_texts(spec: MethodSpec, problem, pairs: list, teachers_cfg):
+    """(teacher user messages, retrieval scores, pairs for the ledger) of one rollout. The privileged
+    answer is written as `teachers.answer_template` says: the answer line, or the official code's
+    reference block (docs/FIDELITY.md)."""
+    t, q, answer = teachers_cfg, problem.question, problem.answer
+    official = t.answer_template == "official"
     if spec.teachers == "per_pair":
-        pairs = pairs[:count]
-        answer = problem.answer if include_answer else None
-        texts = [teacher_prompt(problem.question, p.skill, p.mistake, answer=answer) for p in pairs]
+        pairs = pairs[: t.count]
+        if t.include_answer and official:
+            texts = [official_skill_answer_teacher_prompt(q, p.skill, p.mistake, answer) for p in pairs]
+        else:
+            hint = answer if t.include_answer else None
+            texts = [teacher_prompt(q, p.skill, p.mistake, answer=hint) for p in pairs]
         return texts, [p.score for p in pairs], list(pairs)
     if spec.teachers == "joint":  # OPSD+Skill: the answer and every retrieved pair in one context
-        return [skills_in_prompt(problem.question, pairs, answer=problem.answer)], [0.0], []
+        text = (
+            official_opsd_skill_teacher_prompt(q, pairs, answer)
+            if official
+            else skills_in_prompt(q, pairs, answer)
+        )
+        return [text], [0.0], []
     if spec.teachers == "answer":  # OPSD: the reference answer
-        return [teacher_prompt(problem.question, answer=problem.answer)], [0.0], []
+        text = official_opsd_teacher_prompt(q, answer) if official else teacher_prompt(q, answer=answer)
+        return [text], [0.0], []
     return [], [], []
 
 
 def build_teacher_batch(spec: MethodSpec, rollouts: list, tokenizer, cfg, device) -> TeacherBatch:
     """The teachers of `rollouts` (each with `.problem` and `.pairs`) under config `cfg`."""
     t = cfg.teachers
-    texts, scores, ledger_pairs = zip(
-        *(teacher_texts(spec, r.problem, r.pairs, t.count, t.include_answer) for r in rollouts)
-    )
+    texts, scores, ledger_pairs = zip(*(teacher_texts(spec, r.problem, r.pairs, t) for r in rollouts))
     ids = [
         teacher_prompt_ids(
             tokenizer,
             list(x),
             student_enable_thinking=cfg.rollout.enable_thinking,
             teacher_enable_thinking=t.enable_thinking,
+            align_think_block=t.align_think_block,
         )
         for x in texts
     ]
@@ -112,7 +138,9 @@ def score_sampled_tokens(
     return student, teacher, valid  # [B, T] with grad, [B, K, T], [B, T]
 
 
-def score_divergences(model, student_prompts, batch: TeacherBatch, completions, pad_id, cfg, teacher_context):
+def score_divergences(
+    model, student_prompts, batch: TeacherBatch, completions, pad_id, cfg, teacher_context, divergence_fn=None
+):
     """Per-position full-vocabulary divergences `(per_token [B, K, T] with grad, valid [B, T])` between
     the student and each teacher. The student rows are repeated once per teacher (memory grows K-fold;
     K > 1 is used by the Fig. 3(c) ablation only)."""
@@ -129,6 +157,7 @@ def score_divergences(model, student_prompts, batch: TeacherBatch, completions, 
         chunk_size=o.position_chunk,
         chunk_rows=cfg.teachers.chunk_rows,
         teacher_context=teacher_context,
+        divergence_fn=divergence_fn,
     )  # [R, T]
     valid = completion_valid(completions, per_row.device)  # [B, T]
     grid = per_row.new_zeros((len(completions), batch.mask.shape[1], valid.shape[1]))  # [B, K, T]
@@ -143,12 +172,31 @@ class MicroBatchLoss:
     `sgsd.objectives`, normalised by the whole batch (`normalizer`), so that micro-batch gradients add
     up to the batch objective's. Calling it returns `(loss, metrics, evidence)`; evidence (the
     teachers' decisions, see `sgsd.metrics.decision_evidence`) is None for objectives without
-    polarity decisions."""
+    polarity decisions.
+
+    Which tokens count: m_t of Section 2.4 (`objective.token_mask`), or every sampled token, EOS
+    included, for GRPO with `objective.grpo_mask=completion` and the divergences with
+    `objective.opsd_mask=completion` (the official code). How they are averaged: per completion then
+    over problems, or over all kept tokens of the batch (`grpo_aggregation`, `opsd_aggregation`)."""
 
     def __init__(self, spec: MethodSpec, objective, cfg, model, tokenizer, teacher_context):
         self.spec, self.objective, self.cfg = spec, objective, cfg
         self.model, self.tokenizer, self.teacher_context = model, tokenizer, teacher_context
         self.pad_id = tokenizer.pad_token_id
+        o = cfg.objective
+        self.every_token, self.aggregation = {
+            "policy": (o.grpo_mask == "completion", o.grpo_aggregation),
+            "divergence": (o.opsd_mask == "completion", o.opsd_aggregation),
+            "sampled_tokens": (False, "sequence_mean"),
+        }[objective.scores]
+        self.divergence_fn = None  # OPSD's forward KL on tempered logits, clamped (official code)
+        if o.loss == "forward_kl" and (o.opsd_temperature != 1.0 or o.opsd_clip is not None):
+            self.divergence_fn = partial(
+                opsd_forward_kl,
+                temperature=o.opsd_temperature,
+                clip=o.opsd_clip,
+                clip_scope=o.opsd_clip_scope,
+            )
         self._loss = {
             "sampled_tokens": self._sampled_token_loss,
             "divergence": self._divergence_loss,
@@ -159,14 +207,19 @@ class MicroBatchLoss:
         return self._loss(chunk, normalizer)
 
     def normalizer(self, rollouts: list) -> float:
-        """What the batch objective averages over: kept completion tokens of the whole batch (GRPO with
-        token_mean aggregation) or rollouts."""
-        if self.objective.name == "grpo" and self.cfg.objective.grpo_aggregation == "token_mean":
+        """What the batch objective averages over: the kept tokens of the whole batch (token_mean
+        aggregation) or its rollouts."""
+        if self.aggregation == "token_mean":
             ids = self._completion_ids(rollouts)
-            valid = completion_valid(ids, "cpu")  # [N, T]
-            kept = token_mask(self.tokenizer, ids, valid, self.cfg.objective.token_mask).sum()
-            return float(max(1, int(kept)))
+            return float(max(1, int(self._mask(ids, completion_valid(ids, "cpu")).sum())))
         return float(max(1, len(rollouts)))
+
+    def _mask(self, completions, valid: torch.Tensor) -> torch.Tensor:
+        return (
+            valid
+            if self.every_token
+            else token_mask(self.tokenizer, completions, valid, self.cfg.objective.token_mask)
+        )
 
     def _completion_ids(self, chunk: list) -> list[list[int]]:
         return [r.completion_ids if r.completion_ids else [self.pad_id] for r in chunk]
@@ -187,7 +240,7 @@ class MicroBatchLoss:
         loss, metrics = sgsd_loss(
             student,
             teacher,
-            token_mask(self.tokenizer, completions, valid, o.token_mask),
+            self._mask(completions, valid),
             torch.tensor(rewards, device=teacher.device),
             None,
             teachers.mask,
@@ -208,13 +261,37 @@ class MicroBatchLoss:
         completions = self._completion_ids(chunk)
         prompts = [r.prompt_ids for r in chunk]
         per_token, valid = score_divergences(
-            self.model, prompts, teachers, completions, self.pad_id, self.cfg, self.teacher_context
+            self.model,
+            prompts,
+            teachers,
+            completions,
+            self.pad_id,
+            self.cfg,
+            self.teacher_context,
+            self.divergence_fn,
         )  # [B, K, T] with grad, [B, T]
-        mask = token_mask(self.tokenizer, completions, valid, self.cfg.objective.token_mask)  # [B, T]
         loss, metrics = divergence_objective(
-            per_token, mask, teachers.weights, normalizer, self.cfg.objective.eps
+            per_token,
+            self._mask(completions, valid),
+            teachers.weights,
+            normalizer,
+            self.cfg.objective.eps,
+            aggregation=self.aggregation,
         )
         return loss, metrics, None
+
+    @torch.no_grad()
+    def snapshot_old_logp(self, rollouts: list, micro_batch: int) -> None:
+        """GRPO with several passes over one batch (`objective.grpo_iterations`): keep each rollout's
+        log-probs under the weights that sampled it (`r.old_logp`, [T_r]), before the first update, so
+        the ratio of the clipped surrogate is the real one from the second pass on."""
+        for start in range(0, len(rollouts), micro_batch):
+            chunk = rollouts[start : start + micro_batch]
+            completions = self._completion_ids(chunk)
+            logp, _ = score_student(self.model, [r.prompt_ids for r in chunk], completions, self.pad_id,
+                                    chunk_size=self.cfg.objective.position_chunk)  # fmt: skip
+            for r, row, c in zip(chunk, logp, completions):
+                r.old_logp = row[: len(c)].clone()
 
     def _policy_loss(self, chunk: list, normalizer: float):
         """GRPO: group-relative advantages and the clipped surrogate on the policy's own log-probs."""
@@ -224,18 +301,22 @@ class MicroBatchLoss:
         logp, valid = score_student(
             self.model, prompts, completions, self.pad_id, chunk_size=o.position_chunk
         )
+        old = logp.detach()  # [G*P, T]  one pass: ratio 1
+        if all(getattr(r, "old_logp", None) is not None for r in chunk):
+            old = torch.zeros_like(old)
+            for i, r in enumerate(chunk):
+                old[i, : len(r.old_logp)] = r.old_logp
         rewards = torch.tensor([r.reward for r in chunk], device=logp.device)  # [G*P]
         adv = group_advantages(
             rewards, group_size=self.cfg.rollout.num_generations, scale=o.grpo_scale_rewards
         )
-        mask = token_mask(self.tokenizer, completions, valid, o.token_mask)  # [G*P, T]
         loss, metrics = grpo_loss(
             logp,
-            logp.detach(),
+            old,
             adv,
-            mask,
+            self._mask(completions, valid),
             clip_eps=o.grpo_clip,
-            aggregation=o.grpo_aggregation,
+            aggregation=self.aggregation,
             normalizer=normalizer,
         )
         return loss, dict(metrics, advantage_abs_mean=adv.abs().mean()), None

@@ -69,6 +69,7 @@ class Rollout:
     reward: float = 0.0  # +1 / -1
     group: int = 0  # index of the prompt (GRPO groups rollouts of the same prompt)
     pairs: list = field(default_factory=list)  # retrieved skill-mistake pairs (methods that retrieve)
+    old_logp: Any = None  # [T] log-probs under the sampling weights (GRPO with several passes)
 
 
 def _seed_everything(seed: int) -> None:
@@ -121,6 +122,7 @@ class Trainer:
         )
         self.pad_id = self.tokenizer.pad_token_id
         self._synced_step: int | None = None  # the step whose weights a vllm engine samples with
+        self.passes = cfg.objective.grpo_iterations if self.spec.grouped else 1  # optimizer steps per batch
         self.loss = MicroBatchLoss(
             self.spec, self.objective, cfg, self.model, self.tokenizer, self.teacher.scoring
         )
@@ -172,15 +174,18 @@ class Trainer:
                 if self.step % t.save_every:
                     self.save_checkpoint()
                 break
-            last = self.train_step()
-            self._log(last, writer)
-            bar.update(1)
+            before = self.step
+            for last in self.train_step():
+                self._log(last, writer)
+            bar.update(self.step - before)
             bar.set_postfix(self._postfix(last))
-            if self.step % t.save_every == 0 or self.step == t.steps:
+            if _reached(before, self.step, t.save_every) or self.step == t.steps:
                 self.save_checkpoint()
-            due_by_steps = t.eval_every and self.step % t.eval_every == 0
             due_by_time = t.eval_every_s and self.train_time_s >= self.last_eval_time_s + t.eval_every_s
-            if self._all_ranks_any(bool(due_by_steps or due_by_time)) and self.step != t.steps:
+            if (
+                self._all_ranks_any(_reached(before, self.step, t.eval_every) or bool(due_by_time))
+                and self.step != t.steps
+            ):
                 self.evaluate(step=self.step)
         bar.close()
         if writer is not None:
@@ -189,34 +194,39 @@ class Trainer:
             self.evaluate(step=self.step)
         return last
 
-    def train_step(self) -> dict:
-        """One optimizer step of Algorithm 1; returns its metrics row."""
+    def train_step(self) -> list[dict]:
+        """One round of Algorithm 1: a batch of rollouts and its optimizer step, or, for GRPO with
+        `objective.grpo_iterations` = mu > 1, mu optimizer steps on the same rollouts (the old log-probs
+        taken before the first, so the ratio and its clip act from the second). Returns one metrics row
+        per optimizer step."""
         started = time.time()
-        rollouts = self._rollouts(self._sample_problems(self.step))  # y ~ p_S(.|x)
+        passes = min(self.passes, self.cfg.train.steps - self.step)
+        rollouts = self._rollouts(self._sample_problems(self.step // self.passes))  # y ~ p_S(.|x)
         t_rollout = time.time()
         self._verify(rollouts)  # r = +1 / -1
         t_verify = time.time()
-        metrics, evidence = self.accumulate_gradients(rollouts)  # teachers, score, objective, backward
-        if self._apply_update(metrics):  # clip, AdamW step; a non-finite step changes nothing
-            metrics.update(self._commit_evidence(evidence))
+        if self.passes > 1:
+            self.loss.snapshot_old_logp(rollouts, self._micro_batch())
+        rows = []
+        for _ in range(passes):
+            pass_started = time.time()
+            metrics, evidence = self.accumulate_gradients(rollouts)  # teachers, score, objective, backward
+            if self._apply_update(metrics):  # clip, AdamW step; a non-finite step changes nothing
+                metrics.update(self._commit_evidence(evidence))
+            self.step += 1
+            self.teacher.after_step(self.step)
+            rows.append(dict(metrics, score_and_backward_s=round(time.time() - pass_started, 3), step=self.step,
+                             lr=self.scheduler.get_last_lr()[0]))  # fmt: skip
         t_optimize = time.time()
-        self.step += 1
-        self.teacher.after_step(self.step)
-        metrics.update(self._maybe_evolve_bank(rollouts))
-        step_time = time.time() - started
-        self.train_time_s += step_time
+        rows[-1].update(self._maybe_evolve_bank(rollouts))
+        round_time = time.time() - started
+        for row in rows:  # the round's time is split evenly over its optimizer steps
+            self.train_time_s += round_time / len(rows)
+            row.update(time_s=round(round_time / len(rows), 3), train_time_s=round(self.train_time_s, 3))
+        rows[0].update(rollout_s=round(t_rollout - started, 3), verify_s=round(t_verify - t_rollout, 3))
+        rows[-1].update(bank_s=round(time.time() - t_optimize, 3))
         maybe_fault("after_step", self.step)  # test-only kill point (sgsd/faults.py)
-        return dict(
-            metrics,
-            rollout_s=round(t_rollout - started, 3),  # where the step's time went
-            verify_s=round(t_verify - t_rollout, 3),
-            score_and_backward_s=round(t_optimize - t_verify, 3),
-            bank_s=round(time.time() - t_optimize, 3),
-            step=self.step,
-            time_s=round(step_time, 3),
-            train_time_s=round(self.train_time_s, 3),
-            lr=self.scheduler.get_last_lr()[0],
-        )
+        return rows
 
     # ------------------------------------------------------------------ problems and rollouts
 
@@ -242,7 +252,7 @@ class Trainer:
             skills_in_prompt(q, pp) if self.spec.student_sees_skills and pp else student_prompt(q)
             for q, pp in zip(questions, pairs)
         ]
-        seed = self.cfg.train.seed * 7919 + self.step * 104_729 + self.acc.process_index
+        seed = self.cfg.train.seed * 7919 + (self.step // self.passes) * 104_729 + self.acc.process_index
         params = sampling_params(r, n=r.num_generations, seed=seed)
         outputs = self._policy_generator().generate(texts, params, enable_thinking=r.enable_thinking)
         return [
@@ -276,8 +286,7 @@ class Trainer:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         meter, evidence, batch_loss = MetricMeter(), [], 0.0
-        group = self.cfg.rollout.num_generations if self.spec.grouped else 1  # GRPO: whole groups
-        size = self.cfg.train.micro_batch_size * group
+        size = self._micro_batch()
         normalizer = self.loss.normalizer(rollouts)
         nonfinite = False
         for start in range(0, len(rollouts), size):
@@ -302,6 +311,12 @@ class Trainer:
             truncated_fraction=sum(r.finish_reason == "length" for r in rollouts) / n,
         )
         return stats, evidence
+
+    def _micro_batch(self) -> int:
+        """Rollouts per forward/backward: `train.micro_batch_size` problems (GRPO: with all G rollouts)."""
+        return self.cfg.train.micro_batch_size * (
+            self.cfg.rollout.num_generations if self.spec.grouped else 1
+        )
 
     def _apply_update(self, stats: dict) -> bool:
         """Average gradients across ranks, clip, and step the optimizer and schedule unless the loss or
@@ -476,6 +491,11 @@ class Trainer:
         print(f"eval step {step}: {line}")
         self.acc.wait_for_everyone()
         return summary
+
+
+def _reached(before: int, after: int, every: int) -> bool:
+    """Whether the steps before+1..after include a multiple of `every` (0 = never)."""
+    return bool(every) and after // every > before // every
 
 
 def default_run_dir(cfg: Config) -> Path:

@@ -970,3 +970,17 @@ def test_local_support_terms_from_gathered_teacher_logits_match_and_stay_finite(
     assert_close(full[0], topk_support_logprobs(student, support, token).tolist())
     sum(t.sum() for t in (full[0], full[2])).backward()
     assert torch.isfinite(student.grad).all()
+
+
+def test_divergence_objective_token_mean_by_hand():
+    # B = 2, K = 1: row 0 per-token [0.2, 0.4] mask [1, 1]; row 1 [0.6, 9.0] mask [1, 0]
+    # token mean over the 3 kept tokens: (0.2 + 0.4 + 0.6) / 3 = 0.4 (the sequence mean would be
+    # ((0.2 + 0.4) / 2 + 0.6) / 2 = 0.45); against a batch of 6 kept tokens: 1.2 / 6 = 0.2
+    per_token = torch.tensor([[[0.2, 0.4]], [[0.6, 9.0]]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    weights = torch.ones(2, 1)
+    assert divergence_objective(per_token, mask, weights)[0].item() == pytest.approx(0.45, **APPROX)
+    token_mean = divergence_objective(per_token, mask, weights, aggregation="token_mean")[0]
+    assert token_mean.item() == pytest.approx(0.4, **APPROX)
+    scaled = divergence_objective(per_token, mask, weights, normalizer=6.0, aggregation="token_mean")[0]
+    assert scaled.item() == pytest.approx(0.2, **APPROX)

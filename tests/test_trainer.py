@@ -37,6 +37,10 @@ def _train(tmp_path, tiny_model_dir, *overrides, name="run"):
 
 
 DEMO_RETRIEVAL = ["teachers.count=3"]  # the demo retrieves 3 pairs per problem (configs/demo.yaml)
+# OPSD as the official code runs it (paper/qwen3-*/opsd.yaml, docs/FIDELITY.md)
+OFFICIAL_OPSD = ["objective.loss=forward_kl", "objective.opsd_temperature=1.1", "objective.opsd_clip=0.05",
+                 "objective.opsd_mask=completion", "objective.opsd_aggregation=token_mean",
+                 "teachers.answer_template=official", "teachers.align_think_block=false", "teachers.mode=frozen"]  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -233,6 +237,9 @@ def test_vllm_backend_refuses_full_fine_tuning(tmp_path, tiny_model_dir, capsys)
         ("opsd", ["objective.loss=reverse_kl"]),
         ("opsd_skill", ["objective.loss=gated"]),
         ("grpo", ["rollout.num_generations=2", "objective.grpo_aggregation=sequence_mean"]),
+        ("opsd", OFFICIAL_OPSD),
+        ("opsd_skill", OFFICIAL_OPSD),
+        ("sgsd", ["teachers.include_answer=true", "teachers.answer_template=official", "skills.top_k=4"]),
     ],
 )
 def test_every_objective_path_trains(tmp_path, tiny_model_dir, monkeypatch, method, extra):
@@ -265,6 +272,8 @@ def _gradients(trainer, rollouts, micro_batch_size):
         ("sgsd", ["objective.loss=jsd"]),
         ("grpo", ["rollout.num_generations=2"]),
         ("grpo", ["rollout.num_generations=2", "objective.grpo_aggregation=sequence_mean"]),
+        ("grpo", ["rollout.num_generations=2", "objective.grpo_mask=completion"]),
+        ("opsd", OFFICIAL_OPSD),
     ],
 )
 def test_micro_batches_accumulate_the_whole_batch_gradient(tmp_path, tiny_model_dir, method, extra):
@@ -307,3 +316,20 @@ def test_eval_run_scores_the_runs_own_held_out_problems(tmp_path, tiny_model_dir
     cfg = load_config(run / "config.yaml")
     train_questions = {p.question for p in training_problems(cfg.data, held_out_sets(cfg.data))}
     assert not train_questions & set(in_loop)
+
+
+def test_grpo_iterations_reuse_each_batch_with_a_real_ratio(tmp_path, tiny_model_dir, monkeypatch):
+    """objective.grpo_iterations = 2: each batch of rollouts serves two optimizer steps; the old log-probs
+    are the sampling weights', so the ratio is 1 on the first pass and moves on the second; train.steps
+    counts optimizer steps (3 steps = a round of 2 and a round of 1)."""
+    _alternating_grades(monkeypatch)
+    run = _train(tmp_path, tiny_model_dir, "train.method=grpo", "rollout.num_generations=2",
+                 "objective.grpo_iterations=2", "train.steps=3", "train.save_every=2", "data.eval_sources=[]",
+                 "train.lr=0.05")  # fmt: skip
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert ["rollout_s" in r for r in rows] == [True, False, True]  # new rollouts at steps 1 and 3 only
+    assert rows[0]["mean_ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert abs(rows[1]["mean_ratio"] - 1.0) > 1e-4  # the first update moved the policy
+    assert rows[2]["mean_ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-000002", "step-000003"]

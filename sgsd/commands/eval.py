@@ -175,6 +175,7 @@ def _generator_factory(cfg):
 
 
 def _skill_prompt_fn(cfg):
+    from sgsd.config import retrieval_top_k
     from sgsd.evaluate import skill_prompt_fn
     from sgsd.skills.bank import load_bank
     from sgsd.skills.retrieval import Embedder, Retriever
@@ -182,7 +183,7 @@ def _skill_prompt_fn(cfg):
     retriever = Retriever(
         load_bank(cfg.skills.bank),
         Embedder(cfg.skills.embedder, query_instruction=cfg.skills.query_instruction),
-        top_k=cfg.teachers.count,
+        top_k=retrieval_top_k(cfg),
         mode=cfg.skills.retrieval,
         weight_temperature=cfg.skills.weight_temperature,
     )
