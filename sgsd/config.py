@@ -498,6 +498,8 @@ def validate(cfg: Config) -> Config:
             f"objective.opsd_temperature and objective.opsd_clip apply to objective.loss=forward_kl "
             f"(OPSD's divergence), not to {o.loss}"
         )
+    if o.topk_gate == "local_kl" and (o.support != "topk" or o.loss != "gated"):
+        raise ConfigError("objective.topk_gate=local_kl needs objective.support=topk and objective.loss=gated")
     if o.grpo_iterations > 1 and not cfg.train.method.startswith("grpo"):
         raise ConfigError(
             "objective.grpo_iterations > 1 needs a GRPO method (train.method=grpo or grpo_skill)"

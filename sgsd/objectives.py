@@ -643,6 +643,8 @@ def sgsd_local_kl_loss(
     threshold: float = 0.05,
     eps: float = 1e-8,
     use_polarity: bool = True,
+    weights: torch.Tensor | None = None,
+    normalizer: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The official top-K variant of SGSD: the gate reads the local forward KL, polarity the local gap.
 
@@ -668,6 +670,8 @@ def sgsd_local_kl_loss(
         eps=eps,
         use_polarity=use_polarity,
         support_delta=gaps,
+        weights=weights,
+        normalizer=normalizer,
     )
 
 

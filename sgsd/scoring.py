@@ -40,7 +40,14 @@ from torch.utils.checkpoint import checkpoint
 
 from sgsd.errors import ConfigError, DataError
 from sgsd.models import adapters_in_base_precision
-from sgsd.objectives import forward_kl, generalized_jsd, reverse_kl, topk_support_logprobs
+from sgsd.objectives import (
+    forward_kl,
+    generalized_jsd,
+    local_support_ids,
+    local_support_terms_from_gathered,
+    reverse_kl,
+    topk_support_logprobs,
+)
 from sgsd.prompts import render_chat
 
 __all__ = [
@@ -298,6 +305,24 @@ def _support_logp_for_teachers(
     return torch.stack(per_teacher, dim=1)  # [n, K]
 
 
+def _local_terms_for_teachers(
+    parts: _CausalLMParts,
+    hidden: torch.Tensor,
+    support: torch.Tensor,
+    gathered: torch.Tensor,
+    tokens: torch.Tensor,
+) -> torch.Tensor:
+    """Student local log-prob, teacher local log-prob and local KL per teacher (the official top-K
+    gate): hidden `[n, H]`, support `[n, K, k]`, teacher logits at the local support `[n, K, k+1]`,
+    tokens `[n]` -> `[n, K, 3]`."""
+    logits = parts.logits(hidden)  # [n, V]
+    per_teacher = [
+        torch.stack(local_support_terms_from_gathered(logits, gathered[:, j], support[:, j], tokens), dim=-1)
+        for j in range(support.shape[1])
+    ]  # K x [n, 3]
+    return torch.stack(per_teacher, dim=1)  # [n, K, 3]
+
+
 def score_topk_support(
     model: torch.nn.Module,
     prompt_ids: TokenIds,
@@ -308,7 +333,8 @@ def score_topk_support(
     chunk_rows: int = 4,
     chunk_size: int = 128,
     teacher_context: ContextFactory = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    local_kl: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Sampled-token log-probs renormalised on a local support, per teacher (Section 4.5).
 
     For teacher j and position t the support is the teacher's top-k tokens ∪ {y_t}; both the teacher's
@@ -316,6 +342,11 @@ def score_topk_support(
     with grad, teacher_local_logp [B, K, T], teacher_mask [B, K])`, logp 0 for missing teachers and
     padding. `teacher_context` (e.g. `model.disable_adapter`) is entered around the teacher forwards
     only. k larger than the vocabulary means the whole vocabulary.
+
+    With `local_kl=True` (the official top-K gate, `objective.topk_gate=local_kl`) the teacher pass also
+    keeps its logits at the k+1 local-support ids, and a fourth tensor is returned: the local forward KL
+    KL_S(p_T || p_S) per teacher and position `[B, K, T]` with grad through the student
+    (`sgsd.objectives.local_support_terms_from_gathered`).
     """
     _check_batch(
         completion_ids, chunk_size, ("prompt_ids", prompt_ids), ("teacher_prompt_ids", teacher_prompt_ids)
@@ -332,6 +363,9 @@ def score_topk_support(
         return student_local, teacher_local, teacher_mask
     k = min(k, parts.head.weight.shape[0])
     support = torch.zeros((rows, width_k, width_t, k), dtype=torch.long, device=device)  # [B, K, T, k]
+    gathered = None  # [B, K, T, k+1] teacher logits at the local support (local_kl only)
+    if local_kl:
+        gathered = torch.zeros((rows, width_k, width_t, k + 1), dtype=torch.float32, device=device)
 
     # Teachers (no grad): top-k support and local log-prob per position.
     with torch.no_grad(), teacher_context() if teacher_context else contextlib.nullcontext():
@@ -352,24 +386,37 @@ def score_topk_support(
                 idx = (problems[c0:c1], teachers[c0:c1], pos_of[c0:c1])
                 support[idx] = top
                 teacher_local[idx] = topk_support_logprobs(logits, top, tokens[c0:c1]).float()
+                if gathered is not None:
+                    gathered[idx] = logits.gather(-1, local_support_ids(top, tokens[c0:c1])).float()
 
     # Student (grad): one forward, every teacher's support per position chunk.
     packed = _pack(prompt_ids, completion_ids, pad_id, device)
     hidden = _completion_hidden(parts, packed)  # [N, H]
     tokens = packed.targets[packed.valid]  # [N]
     support_flat = support.permute(0, 2, 1, 3)[packed.valid]  # [N, K, k]
+    if gathered is not None:
+        gathered_flat = gathered.permute(0, 2, 1, 3)[packed.valid]  # [N, K, k+1]
     pieces = []
     for c0, c1 in _chunks(hidden.shape[0], chunk_size * rows):
-        args = (parts, hidden[c0:c1], support_flat[c0:c1], tokens[c0:c1])
-        if hidden.requires_grad:
-            pieces.append(checkpoint(_support_logp_for_teachers, *args, use_reentrant=False))
+        if gathered is None:
+            fn, args = _support_logp_for_teachers, (parts, hidden[c0:c1], support_flat[c0:c1], tokens[c0:c1])
         else:
-            pieces.append(_support_logp_for_teachers(*args))
-    flat = torch.cat(pieces).float()  # [N, K]
-    grid = torch.zeros((rows, width_t, width_k), dtype=torch.float32, device=device)  # [B, T, K]
+            fn = _local_terms_for_teachers
+            args = (parts, hidden[c0:c1], support_flat[c0:c1], gathered_flat[c0:c1], tokens[c0:c1])
+        if hidden.requires_grad:
+            pieces.append(checkpoint(fn, *args, use_reentrant=False))
+        else:
+            pieces.append(fn(*args))
+    flat = torch.cat(pieces).float()  # [N, K] or [N, K, 3]
+    grid = torch.zeros((rows, width_t, *flat.shape[1:]), dtype=torch.float32, device=device)  # [B, T, K(, 3)]
     grid[packed.valid] = flat
-    student_local = grid.permute(0, 2, 1) * teacher_mask[:, :, None]  # [B, K, T]
-    return student_local, teacher_local, teacher_mask
+    present = teacher_mask[:, :, None]  # [B, K, 1]
+    if gathered is None:
+        student_local = grid.permute(0, 2, 1) * present  # [B, K, T]
+        return student_local, teacher_local, teacher_mask
+    terms = grid.permute(0, 2, 1, 3)  # [B, K, T, 3]
+    student_local, local_kl_grid = terms[..., 0] * present, terms[..., 2] * present  # [B, K, T]
+    return student_local, teacher_local, teacher_mask, local_kl_grid
 
 
 # ---------------------------------------------------------------------------------------------------

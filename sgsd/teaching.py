@@ -25,6 +25,7 @@ from sgsd.objectives import (
     group_advantages,
     grpo_loss,
     opsd_forward_kl,
+    sgsd_local_kl_loss,
     sgsd_loss,
     teacher_weights,
 )
@@ -122,7 +123,8 @@ def score_sampled_tokens(
     model, student_prompts, batch: TeacherBatch, completions, pad_id, cfg, teacher_context
 ):
     """Sampled-token log-probs for the gated and sampled-RKL objectives: `(student [B, T] with grad, or
-    [B, K, T] renormalised on each teacher's top-K support; teachers [B, K, T]; valid [B, T])`."""
+    [B, K, T] renormalised on each teacher's top-K support; teachers [B, K, T]; valid [B, T])`, and with
+    `objective.topk_gate=local_kl` a fourth tensor, the local forward KL per teacher [B, K, T]."""
     o, t = cfg.objective, cfg.teachers
     common = dict(chunk_rows=t.chunk_rows, chunk_size=o.position_chunk)
     if o.support == "topk":  # Section 4.5: teacher top-K + sampled token, renormalised per teacher
@@ -233,26 +235,35 @@ class MicroBatchLoss:
         teachers = build_teacher_batch(self.spec, chunk, self.tokenizer, self.cfg, self._device())
         completions = self._completion_ids(chunk)
         prompts = [r.prompt_ids for r in chunk]
-        student, teacher, valid = score_sampled_tokens(
+        student, teacher, valid, *local_kl = score_sampled_tokens(
             self.model, prompts, teachers, completions, self.pad_id, self.cfg, self.teacher_context
-        )  # [B, T] (or [B, K, T]) with grad, [B, K, T], [B, T]
+        )  # [B, T] (or [B, K, T]) with grad, [B, K, T], [B, T] (, local KL [B, K, T])
         rewards = [r.reward for r in chunk]
-        loss, metrics = sgsd_loss(
-            student,
-            teacher,
-            self._mask(completions, valid),
-            torch.tensor(rewards, device=teacher.device),
-            None,
-            teachers.mask,
+        common = dict(
             tau=o.tau,
             clip=o.clip,
             threshold=o.threshold,
             eps=o.eps,
             use_polarity=o.use_polarity and self.spec.polarity,
             weights=teachers.weights,
-            teacher_term=self.objective.name,
             normalizer=normalizer,
         )
+        mask, reward = self._mask(completions, valid), torch.tensor(rewards, device=teacher.device)
+        if local_kl:  # the official top-K variant: the gate reads the local KL, polarity the local gap
+            loss, metrics = sgsd_local_kl_loss(
+                student, teacher, local_kl[0], mask, reward, None, teachers.mask, **common
+            )
+        else:
+            loss, metrics = sgsd_loss(
+                student,
+                teacher,
+                mask,
+                reward,
+                None,
+                teachers.mask,
+                teacher_term=self.objective.name,
+                **common,
+            )
         return loss, metrics, decision_evidence(rewards, metrics, teachers.mask, teachers.ledger_pairs)
 
     def _divergence_loss(self, chunk: list, normalizer: float):

@@ -300,6 +300,48 @@ def test_topk_support_matches_reference(model):
     model.zero_grad()
 
 
+def test_topk_support_local_kl_matches_reference(model):
+    """local_kl=True: the local forward KL per teacher and position equals sum_{v in S} p_T,S (log p_T,S -
+    log p_S,S) on the support S = teacher top-k + sampled token, computed from full logits; its gradient
+    reaches the student; student and teacher local log-probs are those of the plain variant."""
+    rng, prompts, completions = _problems(seed=31, b=2)
+    teacher_prompts = [[_ids(rng, 9), _ids(rng, 4)], [_ids(rng, 6)]]
+    k = 4
+    plain = scoring.score_topk_support(model, prompts, teacher_prompts, completions, pad_id=2, k=k)
+    model.zero_grad()
+    student, teacher, mask, local_kl = scoring.score_topk_support(
+        model, prompts, teacher_prompts, completions, pad_id=2, k=k, chunk_rows=2, chunk_size=3, local_kl=True
+    )
+    torch.testing.assert_close(student, plain[0], atol=TOL, rtol=0)
+    torch.testing.assert_close(teacher, plain[1], atol=TOL, rtol=0)
+    assert local_kl.requires_grad and local_kl.shape == student.shape
+    local_kl.sum().backward()
+    ours = _grads(model)
+    model.zero_grad()
+    total = 0.0
+    for b, completion in enumerate(completions):
+        tokens = torch.tensor(completion)  # [T]
+        student_logits = reference_logits(model, prompts[b], completion)  # [T, V]
+        for j, teacher_prompt in enumerate(teacher_prompts[b]):
+            with torch.no_grad():
+                teacher_logits = reference_logits(model, teacher_prompt, completion)  # [T, V]
+            top = teacher_logits.topk(k, dim=1).indices  # [T, k]
+            ref = []
+            for t in range(len(completion)):
+                idx = top[t] if (top[t] == tokens[t]).any() else torch.cat([top[t], tokens[t : t + 1]])
+                lt = teacher_logits[t, idx].log_softmax(0)
+                ls = student_logits[t, idx].log_softmax(0)
+                ref.append((lt.exp() * (lt - ls)).sum())
+            torch.testing.assert_close(
+                local_kl[b, j, : len(completion)], torch.stack(ref).detach(), atol=TOL, rtol=0
+            )
+            total = total + torch.stack(ref).sum()
+        assert torch.all(local_kl[b, len(teacher_prompts[b]) :] == 0)
+    total.backward()
+    assert_same_grads(ours, _grads(model))
+    model.zero_grad()
+
+
 def test_topk_support_over_whole_vocabulary_is_full_normalisation(llama):
     """With k >= V the local support is the whole vocabulary: the sampled-token log-probs come back."""
     rng, prompts, completions = _problems(seed=31, b=2)

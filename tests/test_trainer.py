@@ -239,6 +239,7 @@ def test_vllm_backend_refuses_full_fine_tuning(tmp_path, tiny_model_dir, capsys)
         ("grpo", ["rollout.num_generations=2", "objective.grpo_aggregation=sequence_mean"]),
         ("opsd", OFFICIAL_OPSD),
         ("opsd_skill", OFFICIAL_OPSD),
+        ("sgsd", ["objective.support=topk", "objective.support_top_k=5", "objective.topk_gate=local_kl"]),
         ("sgsd", ["teachers.include_answer=true", "teachers.answer_template=official", "skills.top_k=4"]),
     ],
 )
@@ -274,6 +275,7 @@ def _gradients(trainer, rollouts, micro_batch_size):
         ("grpo", ["rollout.num_generations=2", "objective.grpo_aggregation=sequence_mean"]),
         ("grpo", ["rollout.num_generations=2", "objective.grpo_mask=completion"]),
         ("opsd", OFFICIAL_OPSD),
+        ("sgsd", ["objective.support=topk", "objective.support_top_k=5", "objective.topk_gate=local_kl"]),
     ],
 )
 def test_micro_batches_accumulate_the_whole_batch_gradient(tmp_path, tiny_model_dir, method, extra):
