@@ -225,7 +225,7 @@ class ObjectiveConfig:
     # OPSD: sequence_mean = each completion's mean, then the mean over problems; token_mean = the mean
     # over all kept tokens (official: over each micro-batch of 4 problems)
     opsd_aggregation: Literal["token_mean", "sequence_mean"] = "sequence_mean"
-    # GRPO: surrogate clipping epsilon
+    # GRPO: surrogate clipping epsilon (acts only with objective.grpo_iterations > 1: with one pass the ratio is 1)
     grpo_clip: float = 0.2
     # GRPO: loss aggregation, token_mean or sequence_mean (official, TRL loss_type=grpo: sequence_mean)
     grpo_aggregation: Literal["token_mean", "sequence_mean"] = "token_mean"

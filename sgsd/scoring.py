@@ -594,7 +594,7 @@ def _generation_suffix(tokenizer, student_enable_thinking: bool, teacher_enable_
         raise ConfigError(
             "cannot align the thinking boundary: the teacher's chat template ends with "
             f"{teacher[shared:]!r} where the student's ends with {student[shared:]!r}; "
-            "set align_think_block=False to score with the teacher's own template"
+            "set teachers.align_think_block=false to score with the teacher's own template"
         )
     return student[len(teacher) :]
 
