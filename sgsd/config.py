@@ -226,8 +226,12 @@ class TrainConfig:
     eval_every_s: float = 0.0
     # evaluate before the first step (off when an identical step-0 evaluation exists elsewhere)
     eval_at_start: bool = True
-    # write TensorBoard event files beside metrics.jsonl
-    tensorboard: bool = True
+    # experiment trackers fed with metrics, evaluations, config and plots: tensorboard, wandb, mlflow, trackio
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = field(
+        default_factory=lambda: ["tensorboard"]
+    )
+    # deprecated (use train.report_to): false drops tensorboard from report_to, true adds it
+    tensorboard: bool | None = None
     # show a progress bar
     progress: bool = True
 
@@ -440,7 +444,19 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("rollout.num_generations must be >= 2 for GRPO (group-relative advantages)")
     if cfg.skills.extractor == "openai" and not cfg.skills.extractor_base_url:
         raise ConfigError("skills.extractor=openai needs skills.extractor_base_url")
+    _resolve_report_to(cfg.train)
     return cfg
+
+
+def _resolve_report_to(train: TrainConfig) -> None:
+    """Fold the deprecated `train.tensorboard` flag into `train.report_to` (then clear it) and drop
+    repeats, so the saved config.yaml states the trackers actually used."""
+    names = list(dict.fromkeys(train.report_to))
+    if train.tensorboard is False:
+        names = [n for n in names if n != "tensorboard"]
+    elif train.tensorboard is True and "tensorboard" not in names:
+        names.insert(0, "tensorboard")
+    train.report_to, train.tensorboard = names, None
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:
