@@ -232,6 +232,8 @@ class TrainConfig:
     )
     # deprecated (use train.report_to): false drops tensorboard from report_to, true adds it
     tensorboard: bool | None = None
+    # at the end of training write RUN/report/ (report.md, accuracy/polarity/signals plots) for the summary
+    write_report: bool = True
     # show a progress bar
     progress: bool = True
 
