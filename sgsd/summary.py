@@ -145,7 +145,7 @@ def duration(seconds: float) -> str:
 def _tracker_line(name: str, run_dir: str) -> str:
     return {
         "tensorboard": f"tensorboard: tensorboard --logdir {Path(run_dir) / 'tensorboard'}",
-        "wandb": f"wandb: {Path(run_dir) / 'wandb'} (offline runs: wandb sync {Path(run_dir) / 'wandb'}/offline-run-*)",
+        "wandb": f"wandb: {Path(run_dir) / 'wandb'} (run offline? upload it with wandb sync)",
         "mlflow": "mlflow: mlflow ui (store: $MLFLOW_TRACKING_URI, default ./mlflow.db)",
         "trackio": "trackio: trackio show --project sgsd",
     }.get(name, name)

@@ -105,6 +105,32 @@ def test_missing_tracker_package_is_a_one_line_install_hint(tmp_path, monkeypatc
     assert len(err.splitlines()) == 1 and "pip install wandb" in err
 
 
+def test_a_tracker_that_cannot_start_is_a_one_line_error_and_the_others_are_closed(tmp_path, monkeypatch):
+    closed = []
+
+    class Tracker:
+        def __init__(self, name):
+            self.name = name
+
+        def start(self):
+            if self.name == "wandb":
+                raise RuntimeError("api_key not configured (no-tty)\nmore detail")
+
+        def finish(self):
+            closed.append(self.name)
+
+    monkeypatch.setattr(RunTrackers, "_build", lambda self, name: Tracker(name))
+    monkeypatch.setattr("sgsd.tracking.check_installed", lambda names: None)
+    cfg = load_config(None, ["train.report_to=[tensorboard, wandb]"])
+    with pytest.raises(UserError) as err:
+        RunTrackers(cfg, tmp_path)
+    assert str(err.value) == (
+        "cannot start the wandb tracker: api_key not configured (no-tty)"
+        " (offline: set WANDB_MODE=offline; or run `wandb login`)"
+    )
+    assert closed == ["tensorboard"]
+
+
 def test_other_ranks_start_nothing(tmp_path):
     cfg = load_config(None, ["train.report_to=[tensorboard]"])
     trackers = RunTrackers(cfg, tmp_path, is_main=False)
