@@ -273,8 +273,14 @@ class TrainConfig:
     eval_every_s: float = 0.0
     # evaluate before the first step (off when an identical step-0 evaluation exists elsewhere)
     eval_at_start: bool = True
-    # write TensorBoard event files beside metrics.jsonl
-    tensorboard: bool = True
+    # experiment trackers fed with metrics, evaluations, config and plots: tensorboard, wandb, mlflow, trackio
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = field(
+        default_factory=lambda: ["tensorboard"]
+    )
+    # deprecated (use train.report_to): false drops tensorboard from report_to, true adds it
+    tensorboard: bool | None = None
+    # at the end of training write RUN/report/ (report.md, accuracy/polarity/signals plots) for the summary
+    write_report: bool = True
     # show a progress bar
     progress: bool = True
 
@@ -499,7 +505,9 @@ def validate(cfg: Config) -> Config:
             f"(OPSD's divergence), not to {o.loss}"
         )
     if o.topk_gate == "local_kl" and (o.support != "topk" or o.loss != "gated"):
-        raise ConfigError("objective.topk_gate=local_kl needs objective.support=topk and objective.loss=gated")
+        raise ConfigError(
+            "objective.topk_gate=local_kl needs objective.support=topk and objective.loss=gated"
+        )
     if o.grpo_iterations > 1 and not cfg.train.method.startswith("grpo"):
         raise ConfigError(
             "objective.grpo_iterations > 1 needs a GRPO method (train.method=grpo or grpo_skill)"
@@ -511,12 +519,24 @@ def validate(cfg: Config) -> Config:
             f"teachers.count ({cfg.teachers.count}) exceeds skills.top_k ({cfg.skills.top_k}): "
             "SGSD builds one teacher per retrieved pair"
         )
+    _resolve_report_to(cfg.train)
     return cfg
 
 
 def retrieval_top_k(cfg: Config) -> int:
     """Pairs retrieved per problem: skills.top_k, or teachers.count when it is null."""
     return cfg.skills.top_k if cfg.skills.top_k is not None else cfg.teachers.count
+
+
+def _resolve_report_to(train: TrainConfig) -> None:
+    """Fold the deprecated `train.tensorboard` flag into `train.report_to` (then clear it) and drop
+    repeats, so the saved config.yaml states the trackers actually used."""
+    names = list(dict.fromkeys(train.report_to))
+    if train.tensorboard is False:
+        names = [n for n in names if n != "tensorboard"]
+    elif train.tensorboard is True and "tensorboard" not in names:
+        names.insert(0, "tensorboard")
+    train.report_to, train.tensorboard = names, None
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:

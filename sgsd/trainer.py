@@ -53,7 +53,9 @@ from sgsd.hostmem import release_freed_memory
 from sgsd.methods import method_spec
 from sgsd.metrics import MetricMeter, scalars, step_evidence
 from sgsd.prompts import skills_in_prompt, student_prompt
+from sgsd.summary import write_run_plots
 from sgsd.teaching import MicroBatchLoss
+from sgsd.tracking import RunTrackers
 
 
 @dataclass
@@ -133,6 +135,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.trainable, lr=t.lr, weight_decay=t.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg))
         self.step, self.train_time_s, self.last_eval_time_s, self.last_eval_step = 0, 0.0, 0.0, -1
+        self.trackers: RunTrackers | None = None  # open while train() runs
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "config.yaml", dump_config(cfg))
@@ -156,7 +159,15 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def train(self) -> dict:
-        """Run from the current step to `train.steps`; returns the last metrics row."""
+        """Run from the current step to `train.steps`; returns the last metrics row. The run's trackers
+        (`train.report_to`) are open meanwhile and closed however the loop ends."""
+        self.trackers = RunTrackers(self.cfg, self.run_dir, self.is_main)  # logs the resolved config
+        try:
+            return self._train_loop()
+        finally:
+            self.trackers.close()
+
+    def _train_loop(self) -> dict:
         from tqdm.auto import tqdm
 
         t = self.cfg.train
@@ -166,7 +177,6 @@ class Trainer:
         bar = tqdm(
             total=t.steps, initial=self.step, desc=self.spec.name, disable=not (t.progress and self.is_main)
         )
-        writer = self._tensorboard()
         while self.step < t.steps:
             if self._all_ranks_any(bool(t.time_budget_s) and self.train_time_s >= t.time_budget_s):
                 if self.is_main:
@@ -176,7 +186,7 @@ class Trainer:
                 break
             before = self.step
             for last in self.train_step():
-                self._log(last, writer)
+                self._log(last)
             bar.update(self.step - before)
             bar.set_postfix(self._postfix(last))
             if _reached(before, self.step, t.save_every) or self.step == t.steps:
@@ -188,10 +198,10 @@ class Trainer:
             ):
                 self.evaluate(step=self.step)
         bar.close()
-        if writer is not None:
-            writer.close()
         if self._wants_eval() and self.last_eval_step != self.step:  # not twice at a budget's end
             self.evaluate(step=self.step)
+        if self.is_main and t.write_report:  # RUN/report: the run's plots, also sent to the trackers
+            self.trackers.log_images(write_run_plots(self.run_dir), step=self.step)
         return last
 
     def train_step(self) -> list[dict]:
@@ -393,22 +403,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ logging, checkpoints, eval
 
-    def _tensorboard(self):
-        if not (self.cfg.train.tensorboard and self.is_main):
-            return None
-        from torch.utils.tensorboard import SummaryWriter
-
-        return SummaryWriter(str(self.run_dir / "tensorboard"))
-
-    def _log(self, metrics: dict, writer) -> None:
-        if not self.is_main:
-            return
-        append_jsonl(self.run_dir / "metrics.jsonl", metrics)
-        if writer is not None:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    writer.add_scalar(f"train/{k}", v, metrics["step"])
-            writer.flush()
+    def _log(self, metrics: dict) -> None:
+        if self.is_main:
+            append_jsonl(self.run_dir / "metrics.jsonl", metrics)
+            self.trackers.log(metrics, step=metrics["step"])
 
     @staticmethod
     def _postfix(m: dict) -> dict:
@@ -487,6 +485,8 @@ class Trainer:
             extra={"train_time_s": round(self.train_time_s, 3)},
         )
         self.model.train()
+        if self.trackers is not None:
+            self.trackers.log_eval(summary, step)
         line = ", ".join(f"{src}: avg@{e.k} {r['avg@k']:.3f}" for src, r in summary["results"].items())
         print(f"eval step {step}: {line}")
         self.acc.wait_for_everyone()

@@ -66,8 +66,8 @@ def _patch() -> None:
     if rss_log:
         original_log = Trainer._log
 
-        def log_with_memory(self, metrics, writer):
-            original_log(self, metrics, writer)
+        def log_with_memory(self, metrics):
+            original_log(self, metrics)
             row = {"step": metrics["step"], "rss_kb": _vm_rss_kb(), "fds": len(os.listdir("/proc/self/fd"))}
             with open(rss_log, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(row) + "\n")

@@ -43,6 +43,7 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
+    import time
     from functools import partial
     from pathlib import Path
 
@@ -51,6 +52,7 @@ def run(args) -> int:
     from sgsd.evaluate import evaluate_problems, evaluate_run, source_slug
     from sgsd.fileio import atomic_write_json
 
+    started = time.perf_counter()
     run_dir = Path(args.run) if args.run else None
     if run_dir is not None and not run_dir.is_dir():
         raise UserError(f"run folder not found: {run_dir}")
@@ -121,6 +123,10 @@ def run(args) -> int:
         v = sel["validation"]
         print(f"chosen on validation: step {v['step']} (test mean avg@k {v['test_mean']:.3f})")
     print(f"wrote {out}/selection.json")
+    if out == run_dir / "eval":  # the run's own results: the closing summary reads them from the folder
+        from sgsd.summary import format_summary, run_summary
+
+        print(format_summary(run_summary(run_dir, wall_s=time.perf_counter() - started), "sgsd eval"))
     return 0
 
 

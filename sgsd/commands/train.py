@@ -29,16 +29,22 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
+    import time
+
     from sgsd.config import load_config
     from sgsd.configs import resolve_config_path
     from sgsd.errors import UserError
 
+    started = time.perf_counter()
     cfg = load_config(resolve_config_path(args.config), args.overrides)
     if args.output_dir:
         cfg.train.output_dir = args.output_dir
     if args.resume and not cfg.train.output_dir:
         raise UserError("--resume needs the run folder: pass --output-dir RUN_DIR")
 
+    from sgsd.tracking import check_installed
+
+    check_installed(cfg.train.report_to)  # before the model load: a missing package is a one-line hint
     from sgsd.trainer import Trainer, default_run_dir
 
     run_dir = default_run_dir(cfg)
@@ -56,10 +62,23 @@ def run(args) -> int:
     print(f"run folder: {run_dir}")
     trainer = Trainer(cfg, run_dir, resume=args.resume)
     trainer.train()
+    if trainer.is_main:
+        from sgsd.summary import format_summary, run_summary
+
+        print(format_summary(run_summary(run_dir, wall_s=time.perf_counter() - started), "sgsd train"))
     return 0
 
 
-RUN_CONTENTS = ("metrics.jsonl", "checkpoints", "eval", "tensorboard", "bank", "config.yaml")
+RUN_CONTENTS = (
+    "metrics.jsonl",
+    "checkpoints",
+    "eval",
+    "tensorboard",
+    "wandb",
+    "report",
+    "bank",
+    "config.yaml",
+)
 
 
 def _holds_a_run(run_dir) -> bool:
