@@ -313,6 +313,7 @@ def evaluate_sources(
     retriever=None,
     verifier_timeout_s: float = 5.0,
     verifier_workers: int = 2,
+    verifier_extraction: str = "boxed",
     step: int | None = None,
     checkpoint: str | None = None,
     grade_fn: Callable | None = None,
@@ -333,7 +334,9 @@ def evaluate_sources(
     if grade_fn is None:
         from sgsd.verifier import grade_many
 
-        grade_fn = partial(grade_many, timeout_s=verifier_timeout_s, workers=verifier_workers)
+        grade_fn = partial(
+            grade_many, timeout_s=verifier_timeout_s, workers=verifier_workers, extraction=verifier_extraction
+        )
     params = SamplingParams(
         temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, n=k
     )

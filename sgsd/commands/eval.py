@@ -91,7 +91,12 @@ def run(args) -> int:
         n=k,
         seed=cfg.train.seed,
     )
-    grade_fn = partial(grade_many, timeout_s=cfg.verifier.timeout_s, workers=cfg.verifier.workers)
+    grade_fn = partial(
+        grade_many,
+        timeout_s=cfg.verifier.timeout_s,
+        workers=cfg.verifier.workers,
+        extraction=cfg.verifier.extraction,
+    )
     prompt_fn = _skill_prompt_fn(cfg) if cfg.eval.with_skills else None
     factory = _generator_factory(cfg)
     common = dict(prompt_fn=prompt_fn, grade_fn=grade_fn, seed=cfg.train.seed)
