@@ -14,8 +14,9 @@ still has no answer), the first rule that yields an answer wins:
    malformed last box is no answer, as in boxed mode.
 2. Anchors, last occurrence: "final answer is", "answer:", "####", and "answer" / "the answer is"
    directly followed by math ("Answer $ 9 $", "the answer is 12 apples").
-3. The last LaTeX environment (`$..$`, `$$..$$`, `\\(..\\)`, `\\[..\\]`) whose content is not prose,
-   or the last plain number or relation in the last `TAIL_CHARS` characters ("x = 5", "-3/4",
+3. The last LaTeX environment (`$..$`, `$$..$$`, `\\(..\\)`, `\\[..\\]`) whose content is not prose
+   (paired from a paragraph break in the last `ENV_SCAN_CHARS` characters), or the last plain
+   number, tuple or relation in the last `TAIL_CHARS` characters ("x = 5", "-3/4",
    "7,425,000", "12%", "x ≥ 3"), whichever ends later.
 
 Every candidate is then cleaned (`clean_free_answer`): math delimiters and a leading ":", "is" or
@@ -35,10 +36,14 @@ number separators, by these locale rules:
 from __future__ import annotations
 
 import re
+from collections import deque
 
 # Plain expressions are looked for only in the completion's last characters (the answer is at the
 # end; this also bounds the scan of hostile input).
 TAIL_CHARS = 4_000
+# Math environments are paired from a paragraph break within the last this many characters (a
+# bounded scan; an environment never spans a blank line in practice).
+ENV_SCAN_CHARS = 65_536
 # At most this many boxes are joined into one set-valued answer.
 MAX_JOINED_BOXES = 16
 
@@ -58,9 +63,11 @@ _NUM = (
     r"|\d+(?:[.,]\d+)?|\.\d+)"
 )
 _GLUED_UNITS = r"(?:cm|mm|km|kg|mg|ml|mL|ft|mph|kph|lbs?|oz|hrs?|min|sec|m|g|s|h|L)\b"
+_SIGNED = r"[-−+]?(?:\d+(?:\.\d+)?|\.\d+|\\infty|∞)"
 _PLAIN = re.compile(
-    r"(?:(?<![A-Za-z\\])[A-Za-z](?:_\{?\w{1,3}\}?)?\s*(?:=|<=|>=|<|>|≤|≥|≠|\\leq?|\\geq?|\\neq)\s*)?"
-    r"(?<![\w.,])[-−+]?" + _NUM + r"(?:\s*/\s*" + _NUM + r")?(?:\s*\\?%)?"
+    r"(?<![\w\\])[(\[]\s*" + _SIGNED + r"(?:\s*,\s*" + _SIGNED + r")+\s*[)\]]"  # (1, 5), [2, 3)
+    r"|(?:(?<![A-Za-z\\])[A-Za-z](?:_\{?\w{1,3}\}?)?\s*(?:=|<=|>=|<|>|≤|≥|≠|\\leq?|\\geq?|\\neq)\s*)?"
+    r"(?<![\w.,^_{])[-−+]?" + _NUM + r"(?:\s*/\s*" + _NUM + r")?(?:\s*\\?%)?"
     r"(?:(?![A-Za-z\d])|(?=" + _GLUED_UNITS + r"))"
 )
 _ANSWER_THEN_MATH = re.compile(
@@ -166,7 +173,8 @@ def _box_end(text: str, pos: int, content: str) -> int:
 
 
 def _envs(text: str):
-    """(start, end, content) of each complete math environment, in order (one linear scan)."""
+    """(start, end, content_start, content_end) of each complete math environment, in order (one
+    linear scan)."""
     opener, open_at, content_at = None, 0, 0
     for m in _ENV_TOKEN.finditer(text):
         token = m.group()
@@ -174,7 +182,7 @@ def _envs(text: str):
             if token in _ENV_CLOSE:
                 opener, open_at, content_at = token, m.start(), m.end()
         elif token == _ENV_CLOSE[opener]:
-            yield open_at, m.end(), text[content_at : m.start()]
+            yield open_at, m.end(), content_at, m.start()
             opener = None
 
 
@@ -190,14 +198,14 @@ def _from_span(span: str, verifier) -> str | None:
         span = span[3:]
     env = next(_envs(span), None)
     if env is not None and not span[: env[0]].strip():
-        return clean_free_answer(env[2])
+        return clean_free_answer(span[env[2] : env[3]])
     cleaned = clean_free_answer(verifier._clean_answer(span))
     if not _is_prose(cleaned):
         return cleaned
     plain = _PLAIN.search(span)
     firsts = []
     if env is not None:
-        firsts.append((env[0], env[2]))
+        firsts.append((env[0], span[env[2] : env[3]]))
     if plain is not None:
         firsts.append((plain.start(), plain.group()))
     return clean_free_answer(min(firsts)[1]) if firsts else cleaned
@@ -206,9 +214,18 @@ def _from_span(span: str, verifier) -> str | None:
 def _last_expression(text: str, verifier) -> str | None:
     """The last non-prose math environment or the last plain expression, whichever ends later."""
     env = None
-    for _, end, content in _envs(text):
+    scan_from = 0
+    if len(text) > ENV_SCAN_CHARS:
+        scan_from = len(text) - ENV_SCAN_CHARS
+        paragraph = text.find("\n\n", scan_from)
+        scan_from = paragraph + 2 if paragraph >= 0 else scan_from
+    recent = deque(_envs(text[scan_from:]), maxlen=8)  # the last few are enough
+    for _, end, first, last in reversed(recent):
+        content = text[scan_from + first : scan_from + last]
+        end += scan_from
         if len(content) <= verifier.MAX_ANSWER_CHARS and content.strip() and not _is_prose(content):
             env = (end, content)
+            break
     offset = max(0, len(text) - TAIL_CHARS)
     plain = None
     for m in _PLAIN.finditer(text, offset):
