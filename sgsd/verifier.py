@@ -45,14 +45,27 @@ Timeouts
     math-verify's own timeouts use `signal.alarm`: they work only on a process's main thread, and
     cannot interrupt a long C-level computation. So `grade_many(..., workers=N)` grades in a pool of
     N worker processes (plain `python -c` subprocesses speaking JSON lines, so the caller's __main__
-    is never re-imported; each under an address-space limit), sends one item at
-    a time to each worker, and kills and replaces a worker whose item passes its deadline or that
-    dies; that item is False with the reason. The pool is shared by the whole process: it starts on
-    the first pooled call, is reused by every later call (the trainer grades every step), is
-    restarted if a call asks for a different number of workers, and is closed by `shutdown_pool()`
-    or at interpreter exit. `workers=0` grades in this process (math-verify's alarm timeouts on the
-    main thread, none elsewhere): for tests, debugging and trusted inputs. Extraction always runs in
-    the calling process (it is linear-time); only the short extracted answer travels to a worker.
+    is never re-imported; each under an address-space limit). Extraction and the string check
+    (grading steps 1-3) run in the calling process (linear time; each distinct gold is unwrapped
+    and normalised once per call and process); only pairs that need sympy travel to a worker.
+    They travel in batches (`MAX_BATCH_ITEMS` items, about `MAX_BATCH_BYTES` of JSON per message,
+    `BATCHES_IN_FLIGHT` messages queued per worker so a worker never waits for the parent; writes
+    never block), and a worker replies after each item, so every item keeps its own deadline: an
+    item not answered within `timeout_s` of the previous reply (or of reaching an idle worker) is
+    False with the reason, its worker is killed and replaced, and the unanswered rest of that
+    worker's batches is sent again; a worker that dies is handled the same way. A gold's sympy
+    parse is cached apart from the predictions' in every process, so it is parsed once per problem
+    (consecutive completions of a problem share a batch). The pool is shared by the whole process:
+    it starts on the first pooled call, is reused by every later call (the trainer grades every
+    step), is restarted if a call asks for a different number of workers, and is closed by
+    `shutdown_pool()` or at interpreter exit. `workers=0` grades in this process (math-verify's
+    alarm timeouts on the main thread, none elsewhere): for tests, debugging and trusted inputs.
+
+Extraction modes (`extraction=`, config `verifier.extraction`)
+    "boxed" (default, training rewards): the rules above. "free": sgsd/free_extraction.py, for
+    grading outputs that were not asked for a box: also the last LaTeX or plain expression, several
+    boxes as one set-valued answer, units and currency stripped, thousands separators and decimal
+    commas by documented locale rules. Grading is the same in both modes.
 """
 
 from __future__ import annotations
