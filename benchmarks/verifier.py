@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
+import resource
 import sys
 import time
 from pathlib import Path
@@ -84,23 +86,30 @@ def main() -> None:
     print(f"items: {len(items)}; load average before: {load_before:.2f}; cores: {os.cpu_count()}")
 
     verifier.grade_many(warmup, workers=0)
+    cpu = _own_cpu_s()
     start = time.perf_counter()
     single = verifier.grade_many(items, workers=0)
     single_s = time.perf_counter() - start
+    single_cpu = _own_cpu_s() - cpu
 
-    def pooled(workers: int) -> tuple[list, float, float]:
+    def pooled(workers: int) -> tuple[list, float, float, float, list]:
         start = time.perf_counter()
         verifier.grade_many(items[:1], workers=workers)  # starts the shared pool
         verifier.grade_many(warmup, workers=workers)
         startup_s = time.perf_counter() - start
+        pids = [w.process.pid for w in verifier._pool._workers]
+        cpu, worker_cpu = _own_cpu_s(), [_process_cpu_s(p) for p in pids]
         start = time.perf_counter()
         results = verifier.grade_many(items, workers=workers)
         seconds = time.perf_counter() - start
+        parent_cpu = _own_cpu_s() - cpu
+        worker_cpu = [_process_cpu_s(p) - c for p, c in zip(pids, worker_cpu, strict=True)]
+        assert verifier._pool.replaced == 0, "a worker was replaced during the timed run"
         verifier.shutdown_pool()
-        return results, seconds, startup_s
+        return results, seconds, startup_s, parent_cpu, worker_cpu
 
-    many, pooled_s, startup_s = pooled(args.workers)
-    one, one_s, _ = pooled(1)
+    many, pooled_s, startup_s, parent_cpu, worker_cpu = pooled(args.workers)
+    one, one_s, _, _, _ = pooled(1)
 
     assert [r.correct for r in single] == [r.correct for r in many] == [r.correct for r in one], (
         "modes disagree"
@@ -112,6 +121,11 @@ def main() -> None:
     print(f"pooled (workers={args.workers}):      {len(items) / pooled_s:8.1f} items/s  ({pooled_s:.2f} s)")
     print(f"pooled (workers=1):      {len(items) / one_s:8.1f} items/s  ({one_s:.2f} s)")
     print(f"pool start-up + warm-up: {startup_s:8.2f} s (once per process)")
+    print(
+        f"CPU seconds: in-process {single_cpu:.2f}; pooled parent {parent_cpu:.2f}, workers "
+        + ", ".join(f"{c:.2f}" for c in worker_cpu)
+        + " (wall time / CPU time shows how much of a core each process got)"
+    )
     print(
         f"ratio pooled / in-process: {single_s / pooled_s:.2f}x (workers={args.workers}), "
         f"{single_s / one_s:.2f}x (workers=1); load average after: {load_after:.2f}"
@@ -126,11 +140,28 @@ def main() -> None:
             "ratio": round(single_s / pooled_s, 3),
             "ratio_1_worker": round(single_s / one_s, 3),
             "pool_startup_s": round(startup_s, 2),
+            "inprocess_cpu_s": round(single_cpu, 2),
+            "pooled_parent_cpu_s": round(parent_cpu, 2),
+            "pooled_worker_cpu_s": [round(c, 2) for c in worker_cpu],
             "load_before": round(load_before, 2),
             "load_after": round(load_after, 2),
             "cores": os.cpu_count(),
         }
         print(json.dumps(figures))
+
+
+def _own_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of another process (Linux /proc; NaN elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return math.nan
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 if __name__ == "__main__":
