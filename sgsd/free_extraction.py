@@ -70,8 +70,10 @@ _PLAIN = re.compile(
     r"(?<![\w.,^_{])[-−+]?" + _NUM + r"(?:\s*/\s*" + _NUM + r")?(?:\s*\\?%)?"
     r"(?:(?![A-Za-z\d])|(?=" + _GLUED_UNITS + r"))"
 )
+_MATH_START = r"(?=[$\d(\[{+\-−.]|\\[(\[]|\\(?:frac|dfrac|sqrt)\b)"
+# "the answer is 12", "answer = 3", "Answer $ 9 $" (a bare "answer 3" is prose: "to answer 3 questions")
 _ANSWER_THEN_MATH = re.compile(
-    r"\banswer(?:\s+is)?\s*[:=]?\s*(?=[$\d(\[{+\-−.]|\\[(\[]|\\(?:frac|sqrt)\b)", re.I
+    r"\banswer(?:\s+is\s*[:=]?|\s*[:=])\s*" + _MATH_START + r"|\banswer\s*(?=\$|\\[(\[])", re.I
 )
 
 _UNICODE = {
@@ -92,7 +94,7 @@ _UNIT_GROUP = re.compile(
     r"(?<=[\d%}])\s*(?:\\[,;:! ]|~|\s)*\\(?:text|mathrm|mbox|textrm|rm)\s*\{[^{}\d]*\}(?:\^\{?[23]\}?)?\s*$"
 )
 _DEGREES = re.compile(r"(?<=\d)\s*(?:°|\^\s*\{?\\circ\}?)\s*[CF]?\s*$")
-_REMARK = re.compile(r"\s*\([A-Za-z][A-Za-z ,.'-]*\)\s*$")
+_REMARK = re.compile(r"(?<=\S)\s*\([A-Za-z]{2,}[A-Za-z ,.'-]*\)\s*$")  # "4 (rounded)", not "(C)"
 _THOUSANDS = re.compile(
     r"(?<![\d.,])[1-9]\d{0,2}(?:(?:,|[ \u00a0\u2009\u202f']|\\[,;:! ]|~|\{,\})\d{3})+(?![\d,])"
 )

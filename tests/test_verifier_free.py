@@ -112,6 +112,8 @@ def test_the_pool_agrees_with_in_process_free_grading():
             "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}",
         ),
         ("We have $3$ cases and $x$ is a nice variable, giving 7.", "7"),
+        ("We need to answer 3 questions; in total 12 points.", "12"),  # "answer 3" is prose
+        ("The answer is (C).", "(C)"),  # a choice is not a parenthetical remark
         ("I could not finish.", None),
         ("<think>so 5</think>", None),  # only after </think>
         ("<think>the answer is 5", None),  # thinking never closed
