@@ -501,7 +501,10 @@ def grade_many(
         if answer is None:
             results[i] = GradeResult(False, problem, None)
             continue
-        decided = _judge_by_string(answer, gold_texts[key])
+        try:
+            decided = _judge_by_string(answer, gold_texts[key])
+        except Exception as exc:  # pure string code; kept as defensive as the symbolic path
+            decided = (False, f"grader error ({type(exc).__name__})")
         if decided is not None:
             results[i] = GradeResult(*decided, answer)
         else:
