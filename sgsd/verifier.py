@@ -322,13 +322,14 @@ def _canonical_number(s: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def gold_answer(gold: str | int | float) -> str:
-    """The reference answer as text: numbers formatted, a `\\boxed{}` or `#### x` unwrapped."""
+def gold_answer(gold: str | int | float, extraction: str = "boxed") -> str:
+    """The reference answer as text: numbers formatted, a `\\boxed{}` or `#### x` unwrapped (in free
+    mode several boxes form one answer, as in completions)."""
     if isinstance(gold, bool) or not isinstance(gold, (str, int, float)):
         raise DataError(f"gold answer must be text or a number, got {type(gold).__name__}")
     text = _BAD_CHARS.sub(_REPLACEMENT, gold) if isinstance(gold, str) else repr(gold)
     if any(c in text for c in _BOX_COMMANDS) or "####" in text:
-        extracted, _ = _extract(text)
+        extracted, _ = _extract(text, extraction)
         text = extracted if extracted is not None else text
     text = _clean_answer(text)
     if not text:
@@ -460,7 +461,7 @@ def grade_one(
 ) -> GradeResult:
     """Grade one completion in this process, with the reason and the extracted answer."""
     _check_extraction(extraction)
-    gold_text = gold_answer(gold)
+    gold_text = gold_answer(gold, extraction)
     answer, problem = _extract(pred_text, extraction)
     if answer is None:
         return GradeResult(False, problem, None)
@@ -496,7 +497,7 @@ def grade_many(
     for i, (pred, gold) in enumerate(pairs):
         key = (type(gold), gold)
         if key not in gold_texts:
-            gold_texts[key] = gold_answer(gold)
+            gold_texts[key] = gold_answer(gold, extraction)
         answer, problem = _extract(pred, extraction)
         if answer is None:
             results[i] = GradeResult(False, problem, None)

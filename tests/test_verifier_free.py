@@ -113,6 +113,16 @@ def test_the_pool_agrees_with_in_process_free_grading():
         ),
         ("We have $3$ cases and $x$ is a nice variable, giving 7.", "7"),
         ("We need to answer 3 questions; in total 12 points.", "12"),  # "answer 3" is prose
+        ("Answer \\[ \n 9 \n \\]", "9"),  # a display environment after an anchor may span lines
+        ("\\frac{10}{9}", "\\frac{10}{9}"),  # one bare LaTeX expression
+        ("Final Answer: The largest $n$ is 34.", "34"),  # prose after an anchor: its last math
+        ("The answer is 5 (not 6).", "5"),  # a parenthetical remark is dropped
+        ("\\boxed{(2, 12)} \\quad \\text{and} \\quad \\boxed{(6, 2)}", "(2, 12), (6, 2)"),
+        ("\\( y_1 = \\boxed{3} \\) and \\( y_2 = \\boxed{4} \\)", "3, 4"),
+        ("\\boxed{-2,1}", "-2,1"),  # in LaTeX a comma separates: no decimal comma
+        ("$(2,12) \\cup (12,102)$", "(2,12) \\cup (12,102)"),  # nor thousands inside brackets
+        ("So the answer is $odd$.", "odd"),  # one word in math is an answer, not prose
+        ("It is 2,5 km.", "2.5"),
         ("The answer is (C).", "(C)"),  # a choice is not a parenthetical remark
         ("I could not finish.", None),
         ("<think>so 5</think>", None),  # only after </think>
@@ -134,24 +144,29 @@ def test_boxed_mode_ignores_free_text(text):
 
 
 @pytest.mark.parametrize(
-    "raw, expected",
+    "raw, plain, expected",
     [
-        ("\\$1,250", "1250"),
-        ("x = \\$5", "x = 5"),
-        ("USD 30", "30"),
-        ("12 dollars", "12"),
-        ("5 square meters", "5"),
-        ("2 and 3", "2 and 3"),  # a connector is not a unit
-        ("2 \\pi", "2 \\pi"),
-        ("4 (rounded)", "4"),
-        ("−7", "-7"),
-        ("2,5%", "2.5%"),
-        ("10,000", "10000"),
-        ("1,5, 2", "1,5, 2"),  # a list, not a decimal comma
+        ("\\$1,250", False, "1250"),
+        ("x = \\$5", False, "x = 5"),
+        ("USD 30", False, "30"),
+        ("12 dollars", False, "12"),
+        ("5 square meters", False, "5"),
+        ("2 and 3", False, "2 and 3"),  # a connector is not a unit
+        ("2 \\pi", False, "2 \\pi"),
+        ("4 (rounded)", False, "4"),
+        ("−7", False, "-7"),
+        ("2,5%", True, "2.5%"),
+        ("10,000", False, "10000"),
+        ("1,5, 2", False, "1,5, 2"),  # a list, not a decimal comma
+        ("3,14", True, "3.14"),  # plain text: a decimal comma
+        ("3,14", False, "3,14"),  # LaTeX (a box or $...$): a list
+        ("0{,}25", False, "0.25"),  # LaTeX's decimal comma
+        ("12,102", False, "12102"),  # a whole answer: thousands
+        ("(2,12) \\cup (12,102)", False, "(2,12) \\cup (12,102)"),  # inside brackets: separators
     ],
 )
-def test_clean_free_answer(raw, expected):
-    assert clean_free_answer(raw) == expected
+def test_clean_free_answer(raw, plain, expected):
+    assert clean_free_answer(raw, plain=plain) == expected
 
 
 def test_extraction_mode_is_checked():
@@ -237,7 +252,7 @@ def test_a_gold_is_parsed_once_for_all_completions_of_a_problem(monkeypatch):
     verifier._gold_facts.cache_clear()
     unwrapped = []
     original = verifier.gold_answer
-    monkeypatch.setattr(verifier, "gold_answer", lambda g: unwrapped.append(g) or original(g))
+    monkeypatch.setattr(verifier, "gold_answer", lambda g, *a: unwrapped.append(g) or original(g, *a))
     gold = "\\frac{\\sqrt{12}}{3}"
     completions = [
         f"\\boxed{{{c}}}" for c in ("\\frac{2\\sqrt3}{3}", "\\frac{2}{\\sqrt3}", "1.1547", "2/\\sqrt{3}")
