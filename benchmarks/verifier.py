@@ -2,8 +2,10 @@
 
 A fixed, deterministically generated 1,000-item set of mixed formats (boxed integers, LaTeX
 fractions, radicals, decimals, GSM8K `####`, "Answer:" lines, tuples/intervals, equations, wrong
-answers, completions without an answer). All modes grade the same set side by side in one run.
-Each process first grades a disjoint warm-up set (numbers offset by 10,000, so no cache entry is
+answers, completions without an answer). All modes grade the same set side by side in one run,
+interleaved: the set is cut into --rounds parts and each round grades its part in every mode, in a
+rotating order, so a change in the machine's load hits every mode alike. Both pools are started
+before the rounds. Each process first grades a disjoint warm-up set (numbers offset by 10,000, so no cache entry is
 shared with the timed set): the antlr LaTeX parser builds its DFA cache during the first few hundred
 parses of every process, about 25% of the cold cost, and a trainer's long-lived pool is warm. The
 pool's start-up and warm-up are timed separately from its steady-state throughput. With --json the
@@ -75,6 +77,9 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=1000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=300, help="warm-up items per process (0: none)")
+    parser.add_argument(
+        "--rounds", type=int, default=4, help="interleaved rounds (each mode grades 1/rounds)"
+    )
     parser.add_argument("--json", action="store_true", help="end with one JSON line of the figures")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -85,47 +90,55 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     print(f"items: {len(items)}; load average before: {load_before:.2f}; cores: {os.cpu_count()}")
 
-    verifier.grade_many(warmup, workers=0)
-    cpu = _own_cpu_s()
+    # Both pools live side by side; grade_many uses the process-wide pool, so each round installs
+    # the one it measures (benchmark-only plumbing).
     start = time.perf_counter()
-    single = verifier.grade_many(items, workers=0)
-    single_s = time.perf_counter() - start
-    single_cpu = _own_cpu_s() - cpu
+    pools = {n: verifier.GraderPool(n) for n in dict.fromkeys([args.workers, 1])}
+    for n, pool in pools.items():
+        verifier._pool = pool
+        verifier.grade_many(warmup, workers=n)
+    startup_s = time.perf_counter() - start
+    verifier._pool = None
+    verifier.grade_many(warmup, workers=0)
 
-    def pooled(workers: int) -> tuple[list, float, float, float, list]:
-        start = time.perf_counter()
-        verifier.grade_many(items[:1], workers=workers)  # starts the shared pool
-        verifier.grade_many(warmup, workers=workers)
-        startup_s = time.perf_counter() - start
-        pids = [w.process.pid for w in verifier._pool._workers]
-        cpu, worker_cpu = _own_cpu_s(), [_process_cpu_s(p) for p in pids]
-        start = time.perf_counter()
-        results = verifier.grade_many(items, workers=workers)
-        seconds = time.perf_counter() - start
-        parent_cpu = _own_cpu_s() - cpu
-        worker_cpu = [_process_cpu_s(p) - c for p, c in zip(pids, worker_cpu, strict=True)]
-        assert verifier._pool.replaced == 0, "a worker was replaced during the timed run"
-        verifier.shutdown_pool()
-        return results, seconds, startup_s, parent_cpu, worker_cpu
+    modes = ["in-process", f"pooled-{args.workers}", "pooled-1"]
+    seconds = dict.fromkeys(modes, 0.0)
+    cpu = {m: [0.0] for m in modes}
+    results: dict[str, list] = {m: [] for m in modes}
+    chunk = -(-len(items) // args.rounds)
+    for r in range(args.rounds):
+        part = items[r * chunk : (r + 1) * chunk]
+        for mode in modes[r % 3 :] + modes[: r % 3]:  # rotate the order: load drifts between rounds
+            workers = 0 if mode == "in-process" else int(mode.split("-")[1])
+            pids = [w.process.pid for w in pools[workers]._workers] if workers else []
+            verifier._pool = pools.get(workers)
+            before = [_own_cpu_s()] + [_process_cpu_s(p) for p in pids]
+            t = time.perf_counter()
+            results[mode] += verifier.grade_many(part, workers=workers)
+            seconds[mode] += time.perf_counter() - t
+            after = [_own_cpu_s()] + [_process_cpu_s(p) for p in pids]
+            used = [b - a for a, b in zip(before, after, strict=True)]
+            cpu[mode] = [
+                c + u for c, u in zip(cpu[mode] + [0.0] * (len(used) - len(cpu[mode])), used, strict=True)
+            ]
+    replaced = sum(pool.replaced for pool in pools.values())
+    for pool in pools.values():
+        pool.close()
+    verifier._pool = None
+    assert replaced == 0, "a worker was replaced during the timed rounds"
 
-    many, pooled_s, startup_s, parent_cpu, worker_cpu = pooled(args.workers)
-    one, one_s, _, _, _ = pooled(1)
-
-    assert [r.correct for r in single] == [r.correct for r in many] == [r.correct for r in one], (
-        "modes disagree"
-    )
-    correct = sum(r.correct for r in single)
+    verdicts = [[r.correct for r in results[m]] for m in modes]
+    assert all(v == verdicts[0] for v in verdicts), "modes disagree"
     load_after = os.getloadavg()[0]
-    print(f"correct: {correct}/{len(items)}")
-    print(f"in-process (workers=0): {len(items) / single_s:8.1f} items/s  ({single_s:.2f} s)")
-    print(f"pooled (workers={args.workers}):      {len(items) / pooled_s:8.1f} items/s  ({pooled_s:.2f} s)")
-    print(f"pooled (workers=1):      {len(items) / one_s:8.1f} items/s  ({one_s:.2f} s)")
-    print(f"pool start-up + warm-up: {startup_s:8.2f} s (once per process)")
-    print(
-        f"CPU seconds: in-process {single_cpu:.2f}; pooled parent {parent_cpu:.2f}, workers "
-        + ", ".join(f"{c:.2f}" for c in worker_cpu)
-        + " (wall time / CPU time shows how much of a core each process got)"
-    )
+    rate = {m: len(items) / seconds[m] for m in modes}
+    single_s, pooled_s, one_s = (seconds[m] for m in modes)
+    print(f"correct: {sum(verdicts[0])}/{len(items)}; {args.rounds} interleaved rounds")
+    for m in modes:
+        parts = ", ".join(f"{c:.2f}" for c in cpu[m])
+        print(
+            f"{m:>12}: {rate[m]:8.1f} items/s  ({seconds[m]:.2f} s; CPU s of this process, workers: {parts})"
+        )
+    print(f"pools start-up + warm-up: {startup_s:.2f} s (once per process)")
     print(
         f"ratio pooled / in-process: {single_s / pooled_s:.2f}x (workers={args.workers}), "
         f"{single_s / one_s:.2f}x (workers=1); load average after: {load_after:.2f}"
@@ -134,15 +147,16 @@ def main() -> None:
         figures = {
             "items": len(items),
             "workers": args.workers,
-            "inprocess_items_s": round(len(items) / single_s, 1),
-            "pooled_items_s": round(len(items) / pooled_s, 1),
-            "pooled_1_worker_items_s": round(len(items) / one_s, 1),
+            "rounds": args.rounds,
+            "inprocess_items_s": round(rate[modes[0]], 1),
+            "pooled_items_s": round(rate[modes[1]], 1),
+            "pooled_1_worker_items_s": round(rate[modes[2]], 1),
             "ratio": round(single_s / pooled_s, 3),
             "ratio_1_worker": round(single_s / one_s, 3),
             "pool_startup_s": round(startup_s, 2),
-            "inprocess_cpu_s": round(single_cpu, 2),
-            "pooled_parent_cpu_s": round(parent_cpu, 2),
-            "pooled_worker_cpu_s": [round(c, 2) for c in worker_cpu],
+            "inprocess_cpu_s": round(cpu[modes[0]][0], 2),
+            "pooled_cpu_s": [round(c, 2) for c in cpu[modes[1]]],  # this process, then each worker
+            "pooled_1_worker_cpu_s": [round(c, 2) for c in cpu[modes[2]]],
             "load_before": round(load_before, 2),
             "load_after": round(load_after, 2),
             "cores": os.cpu_count(),
