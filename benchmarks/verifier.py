@@ -5,11 +5,13 @@ fractions, radicals, decimals, GSM8K `####`, "Answer:" lines, tuples/intervals, 
 answers, completions without an answer). All modes grade the same set side by side in one run,
 interleaved: the set is cut into --rounds parts and each round grades its part in every mode, in a
 rotating order, so a change in the machine's load hits every mode alike. Both pools are started
-before the rounds. Each process first grades a disjoint warm-up set (numbers offset by 10,000, so no cache entry is
-shared with the timed set): the antlr LaTeX parser builds its DFA cache during the first few hundred
-parses of every process, about 25% of the cold cost, and a trainer's long-lived pool is warm. The
-pool's start-up and warm-up are timed separately from its steady-state throughput. With --json the
-last line is one JSON object (inprocess_items_s, pooled_items_s, ratio, ...).
+before the rounds. The in-process grader and each pool first grade a disjoint warm-up set (numbers
+offset by 10,000, so no cache entry is shared with the timed set): the antlr LaTeX parser builds
+its DFA cache during the first few hundred parses of every process (about 25% of the cold cost,
+and each worker of a pool learns it separately), and a trainer's long-lived pool is warm. Start-up
+and warm-up are timed apart from the steady-state throughput. CPU seconds of this process and of
+each worker are reported per mode. With --json the last line is one JSON object
+(inprocess_items_s, pooled_items_s, ratio, ...).
 
     cd <repo> && HF_HUB_OFFLINE=1 python benchmarks/verifier.py [--items 1000] [--workers 2] [--json]
 """
@@ -76,7 +78,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=1000)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--warmup", type=int, default=300, help="warm-up items per process (0: none)")
+    parser.add_argument("--warmup", type=int, default=1000, help="warm-up items per pool and in-process")
     parser.add_argument(
         "--rounds", type=int, default=4, help="interleaved rounds (each mode grades 1/rounds)"
     )

@@ -686,20 +686,20 @@ class GraderPool:
     ) -> list[tuple[bool, str]]:
         """Verdicts (correct, reason) for extracted (answer, gold) pairs, in order.
 
-        Items are batched in order (`batch_items` per message; default: about eight batches per
-        worker, at most MAX_BATCH_ITEMS), so consecutive completions of one problem usually share
-        a worker and their gold is parsed there once."""
+        Items are batched in order, so consecutive completions of one problem usually share a
+        worker and their gold is parsed there once. A batch holds `batch_items` items, or by default
+        a quarter of the remaining queue's share per worker (at most MAX_BATCH_ITEMS): batches
+        shrink towards the end, so the workers finish together."""
         import json
 
-        if batch_items is None:
-            batch_items = max(1, min(MAX_BATCH_ITEMS, -(-len(items) // (8 * self.size))))
         results: list[tuple[bool, str] | None] = [None] * len(items)
         queue = deque(range(len(items)))
         while queue or any(w.outstanding for w in self._workers):
             for w in self._workers:
                 while w.ready and queue and len(w.batches) < BATCHES_IN_FLIGHT:
                     jobs, size = [], 0
-                    while queue and len(jobs) < batch_items and (not jobs or size < MAX_BATCH_BYTES):
+                    limit = batch_items or max(1, min(MAX_BATCH_ITEMS, -(-len(queue) // (4 * self.size))))
+                    while queue and len(jobs) < limit and (not jobs or size < MAX_BATCH_BYTES):
                         jobs.append(queue.popleft())
                         size += len(json.dumps(items[jobs[-1]]))
                     w.send(jobs, [timeout_s, [list(items[j]) for j in jobs]])
