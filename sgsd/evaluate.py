@@ -324,7 +324,9 @@ def evaluate_sources(
     """Evaluate the generator's current weights on several sources (the trainer's in-loop evaluation):
     writes `out_dir/SOURCE.jsonl` per source and `out_dir/summary.json`
     ({"step", "checkpoint", "results": {slug: metrics}}), and returns the summary. About `batch_size`
-    sequences (problems x k) are generated at once; a progress bar counts problems."""
+    sequences (problems x k) are generated at once; a progress bar counts problems. Without `grade_fn`,
+    samples are graded by `sgsd.verifier.grade_many` with the verifier_* settings (`verifier_extraction`:
+    "boxed" or "free", the config's `verifier.extraction`)."""
     from functools import partial
 
     from tqdm.auto import tqdm
