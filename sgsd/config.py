@@ -97,6 +97,8 @@ class VerifierConfig:
     timeout_s: float = 5.0
     # grading worker processes (0 = grade in this process, no hard timeout)
     workers: int = 2
+    # answer extraction: boxed (a box or "Answer:"; training rewards) or free (any last expression)
+    extraction: Literal["boxed", "free"] = "boxed"
 
 
 @dataclass

@@ -316,6 +316,7 @@ def evaluate_sources(
     retriever=None,
     verifier_timeout_s: float = 5.0,
     verifier_workers: int = 2,
+    verifier_extraction: str = "boxed",
     step: int | None = None,
     checkpoint: str | None = None,
     grade_fn: Callable | None = None,
@@ -328,7 +329,8 @@ def evaluate_sources(
     ({"step", "checkpoint", "results": {slug: metrics}}), and returns the summary. `params` are the
     SamplingParams (`params.n` = k samples per problem; e.g. `sgsd.generation.sampling_params(cfg.eval,
     n=cfg.eval.k)`). About `batch_size` sequences (problems x k) are generated at once; a progress bar
-    counts problems."""
+    counts problems. Without `grade_fn`, samples are graded by `sgsd.verifier.grade_many` with the
+    verifier_* settings (`verifier_extraction`: "boxed" or "free", the config's `verifier.extraction`)."""
     from functools import partial
 
     from tqdm.auto import tqdm
@@ -336,7 +338,9 @@ def evaluate_sources(
     if grade_fn is None:
         from sgsd.verifier import grade_many
 
-        grade_fn = partial(grade_many, timeout_s=verifier_timeout_s, workers=verifier_workers)
+        grade_fn = partial(
+            grade_many, timeout_s=verifier_timeout_s, workers=verifier_workers, extraction=verifier_extraction
+        )
     k = params.n
     prompt_fn = skill_prompt_fn(retriever) if retriever is not None else None
     out_dir = Path(out_dir)

@@ -285,7 +285,9 @@ class Trainer:
 
         v = self.cfg.verifier
         pairs = [(r.completion_text, r.problem.answer) for r in rollouts]
-        for r, res in zip(rollouts, grade_many(pairs, timeout_s=v.timeout_s, workers=v.workers)):
+        for r, res in zip(
+            rollouts, grade_many(pairs, timeout_s=v.timeout_s, workers=v.workers, extraction=v.extraction)
+        ):
             r.reward = 1.0 if res.correct else -1.0
 
     # ------------------------------------------------------------------ gradients and the update
@@ -479,6 +481,7 @@ class Trainer:
             retriever=self.retriever if e.with_skills else None,
             verifier_timeout_s=self.cfg.verifier.timeout_s,
             verifier_workers=self.cfg.verifier.workers,
+            verifier_extraction=self.cfg.verifier.extraction,
             step=step,
             batch_size=e.batch_size,
             show_progress=self.cfg.train.progress,

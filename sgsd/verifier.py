@@ -45,14 +45,27 @@ Timeouts
     math-verify's own timeouts use `signal.alarm`: they work only on a process's main thread, and
     cannot interrupt a long C-level computation. So `grade_many(..., workers=N)` grades in a pool of
     N worker processes (plain `python -c` subprocesses speaking JSON lines, so the caller's __main__
-    is never re-imported; each under an address-space limit), sends one item at
-    a time to each worker, and kills and replaces a worker whose item passes its deadline or that
-    dies; that item is False with the reason. The pool is shared by the whole process: it starts on
-    the first pooled call, is reused by every later call (the trainer grades every step), is
-    restarted if a call asks for a different number of workers, and is closed by `shutdown_pool()`
-    or at interpreter exit. `workers=0` grades in this process (math-verify's alarm timeouts on the
-    main thread, none elsewhere): for tests, debugging and trusted inputs. Extraction always runs in
-    the calling process (it is linear-time); only the short extracted answer travels to a worker.
+    is never re-imported; each under an address-space limit). Extraction and the string check
+    (grading steps 1-3) run in the calling process (linear time; each distinct gold is unwrapped
+    and normalised once per call and process); only pairs that need sympy travel to a worker.
+    They travel in batches (`MAX_BATCH_ITEMS` items, about `MAX_BATCH_BYTES` of JSON per message,
+    `BATCHES_IN_FLIGHT` messages queued per worker so a worker never waits for the parent; writes
+    never block), and a worker replies after each item, so every item keeps its own deadline: an
+    item not answered within `timeout_s` of the previous reply (or of reaching an idle worker) is
+    False with the reason, its worker is killed and replaced, and the unanswered rest of that
+    worker's batches is sent again; a worker that dies is handled the same way. A gold's sympy
+    parse is cached apart from the predictions' in every process, so it is parsed once per problem
+    (consecutive completions of a problem share a batch). The pool is shared by the whole process:
+    it starts on the first pooled call, is reused by every later call (the trainer grades every
+    step), is restarted if a call asks for a different number of workers, and is closed by
+    `shutdown_pool()` or at interpreter exit. `workers=0` grades in this process (math-verify's
+    alarm timeouts on the main thread, none elsewhere): for tests, debugging and trusted inputs.
+
+Extraction modes (`extraction=`, config `verifier.extraction`)
+    "boxed" (default, training rewards): the rules above. "free": sgsd/free_extraction.py, for
+    grading outputs that were not asked for a box: also the last LaTeX or plain expression, several
+    boxes as one set-valued answer, units and currency stripped, thousands separators and decimal
+    commas by documented locale rules. Grading is the same in both modes.
 """
 
 from __future__ import annotations
@@ -88,6 +101,8 @@ WORKER_START_TIMEOUT_S = 180.0
 _REPLACEMENT = "\ufffd"
 _BAD_CHARS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
+# verifier.extraction: "boxed" (a box or an explicit answer marker; training rewards) or "free"
+EXTRACTION_MODES = ("boxed", "free")
 
 
 @dataclass(frozen=True)
@@ -104,12 +119,15 @@ class GradeResult:
 # ---------------------------------------------------------------------------------------------
 
 
-def extract_answer(text: str) -> str | None:
-    """The final answer in a completion (see the module docstring for the rules), or None."""
-    return _extract(text)[0]
+def extract_answer(text: str, extraction: str = "boxed") -> str | None:
+    """The final answer in a completion, or None: by the rules above (`extraction="boxed"`), or by
+    sgsd.free_extraction's (`"free"`: the last LaTeX or plain expression, several boxes as one set,
+    units, currency and number separators stripped)."""
+    _check_extraction(extraction)
+    return _extract(text, extraction)[0]
 
 
-def _extract(text: str) -> tuple[str | None, str | None]:
+def _extract(text: str, extraction: str = "boxed") -> tuple[str | None, str | None]:
     """(answer, None) or (None, why there is no answer)."""
     if not isinstance(text, str):
         return None, f"completion is {type(text).__name__}, not text"
@@ -121,6 +139,10 @@ def _extract(text: str) -> tuple[str | None, str | None]:
         text = text[end_think + len("</think>") :]
     elif "<think>" in text:
         return None, "thinking never closed (no </think>)"
+    if extraction == "free":
+        from sgsd import free_extraction, verifier
+
+        return free_extraction.extract_free(text, verifier)
 
     answer, problem, found_box = _last_box(text)
     if answer is not None or problem is not None:
@@ -300,13 +322,14 @@ def _canonical_number(s: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def gold_answer(gold: str | int | float) -> str:
-    """The reference answer as text: numbers formatted, a `\\boxed{}` or `#### x` unwrapped."""
+def gold_answer(gold: str | int | float, extraction: str = "boxed") -> str:
+    """The reference answer as text: numbers formatted, a `\\boxed{}` or `#### x` unwrapped (in free
+    mode several boxes form one answer, as in completions)."""
     if isinstance(gold, bool) or not isinstance(gold, (str, int, float)):
         raise DataError(f"gold answer must be text or a number, got {type(gold).__name__}")
     text = _BAD_CHARS.sub(_REPLACEMENT, gold) if isinstance(gold, str) else repr(gold)
     if any(c in text for c in _BOX_COMMANDS) or "####" in text:
-        extracted, _ = _extract(text)
+        extracted, _ = _extract(text, extraction)
         text = extracted if extracted is not None else text
     text = _clean_answer(text)
     if not text:
@@ -350,14 +373,31 @@ def _judge(answer: str | None, gold: str, seconds: int | None) -> tuple[bool, st
     off the main thread)."""
     if answer is None:
         return False, "no answer"
-    if normalize_answer(answer) == normalize_answer(gold):
+    decided = _judge_by_string(answer, gold)
+    return decided if decided is not None else _judge_symbolically(answer, gold, seconds)
+
+
+def _judge_by_string(answer: str, gold: str) -> tuple[bool, str] | None:
+    """The verdict when string normalisation settles it (equal, or a side too complex for sympy);
+    None when the pair needs the symbolic check. Pure and linear-time: the pool's parent runs it."""
+    if normalize_answer(answer) == _gold_facts(gold)[0]:
         return True, "equal after normalisation"
-    for side, text in (("answer", answer), ("gold", gold)):
-        why = too_complex(text)
+    for side, why in (("answer", too_complex(answer)), ("gold", _gold_facts(gold)[1])):
         if why is not None:
             return False, f"strings differ; {side} {why}, not parsed symbolically"
-    gold_parsed = _parse_latex(gold, seconds)
-    pred_parsed = _parse_latex(answer, seconds)
+    return None
+
+
+@lru_cache(maxsize=1024)
+def _gold_facts(gold: str) -> tuple[str, str | None]:
+    """(normalised gold, why it is too complex or None): computed once per gold per process."""
+    return normalize_answer(gold), too_complex(gold)
+
+
+def _judge_symbolically(answer: str, gold: str, seconds: int | None) -> tuple[bool, str]:
+    """math-verify's parse + verify (LaTeX only); the gold's parse is cached once per process."""
+    gold_parsed = list(_parse_gold_cached(gold, seconds))
+    pred_parsed = list(_parse_latex_cached(answer, seconds))
     if not gold_parsed or not pred_parsed:
         side = "gold" if not gold_parsed else "answer"
         return False, f"strings differ; {side} could not be parsed"
@@ -373,8 +413,7 @@ def _judge(answer: str | None, gold: str, seconds: int | None) -> tuple[bool, st
     return (True, "symbolically equivalent") if same else (False, "not equivalent")
 
 
-@lru_cache(maxsize=4096)
-def _parse_latex_cached(answer: str, seconds: int | None) -> tuple:
+def _parse_latex(answer: str, seconds: int | None) -> tuple:
     from math_verify import LatexExtractionConfig, parse
 
     config = LatexExtractionConfig(boxed_match_priority=0, try_extract_without_anchor=False)
@@ -387,8 +426,10 @@ def _parse_latex_cached(answer: str, seconds: int | None) -> tuple:
     return tuple(parsed)
 
 
-def _parse_latex(answer: str, seconds: int | None) -> list:
-    return list(_parse_latex_cached(answer, seconds))
+# Predictions and golds are cached apart, so a flood of distinct predictions never evicts a gold:
+# a problem's gold is parsed once per process however many completions of it are graded.
+_parse_latex_cached = lru_cache(maxsize=4096)(_parse_latex)
+_parse_gold_cached = lru_cache(maxsize=1024)(_parse_latex)
 
 
 def _alarm_seconds(timeout_s: float) -> int | None:
@@ -403,20 +444,25 @@ def _alarm_seconds(timeout_s: float) -> int | None:
 # ---------------------------------------------------------------------------------------------
 
 
-def grade(pred_text: str, gold: str | int | float, timeout_s: float = 5.0) -> bool:
+def grade(pred_text: str, gold: str | int | float, timeout_s: float = 5.0, extraction: str = "boxed") -> bool:
     """Whether a completion's final answer equals the gold answer (in this process)."""
-    return grade_one(pred_text, gold, timeout_s).correct
+    return grade_one(pred_text, gold, timeout_s, extraction).correct
 
 
-def reward(pred_text: str, gold: str | int | float, timeout_s: float = 5.0) -> float:
+def reward(
+    pred_text: str, gold: str | int | float, timeout_s: float = 5.0, extraction: str = "boxed"
+) -> float:
     """+1.0 for a correct completion, -1.0 otherwise (the paper's r)."""
-    return 1.0 if grade(pred_text, gold, timeout_s) else -1.0
+    return 1.0 if grade(pred_text, gold, timeout_s, extraction) else -1.0
 
 
-def grade_one(pred_text: str, gold: str | int | float, timeout_s: float = 5.0) -> GradeResult:
+def grade_one(
+    pred_text: str, gold: str | int | float, timeout_s: float = 5.0, extraction: str = "boxed"
+) -> GradeResult:
     """Grade one completion in this process, with the reason and the extracted answer."""
-    gold_text = gold_answer(gold)
-    answer, problem = _extract(pred_text)
+    _check_extraction(extraction)
+    gold_text = gold_answer(gold, extraction)
+    answer, problem = _extract(pred_text, extraction)
     if answer is None:
         return GradeResult(False, problem, None)
     try:
@@ -427,32 +473,48 @@ def grade_one(pred_text: str, gold: str | int | float, timeout_s: float = 5.0) -
 
 
 def grade_many(
-    pairs: Iterable[tuple[str, str | int | float]], timeout_s: float = 5.0, workers: int = 2
+    pairs: Iterable[tuple[str, str | int | float]],
+    timeout_s: float = 5.0,
+    workers: int = 2,
+    extraction: str = "boxed",
 ) -> list[GradeResult]:
     """Grade (completion, gold) pairs; each item is bounded by `timeout_s` when `workers` > 0.
 
-    With `workers` > 0 the items go through the shared process pool (see the module docstring);
-    a hung or crashing item is False with its reason and the batch goes on. `workers=0` grades in
-    this process. Results are in input order."""
+    Extraction and the string check run here (linear time; each distinct gold is prepared once);
+    only pairs that need sympy go to the shared process pool (see the module docstring), where a
+    hung or crashing item is False with its reason and the rest go on. `workers=0` grades in this
+    process. `extraction` is "boxed" (training rewards) or "free" (see `extract_answer`). Results
+    are in input order."""
     if not timeout_s > 0:
         raise ConfigError(f"verifier timeout must be positive, got {timeout_s}")
     if workers < 0:
         raise ConfigError(f"verifier workers must be >= 0, got {workers}")
+    _check_extraction(extraction)
     pairs = list(pairs)
-    golds = [gold_answer(g) for _, g in pairs]
-    extracted = [_extract(p) for p, _ in pairs]
+    gold_texts: dict = {}  # each distinct gold is unwrapped once, not once per completion
     results: list[GradeResult | None] = [None] * len(pairs)
-    jobs = []
-    for i, (answer, problem) in enumerate(extracted):
+    jobs = []  # (index, answer, gold) pairs that need the symbolic check
+    for i, (pred, gold) in enumerate(pairs):
+        key = (type(gold), gold)
+        if key not in gold_texts:
+            gold_texts[key] = gold_answer(gold, extraction)
+        answer, problem = _extract(pred, extraction)
         if answer is None:
             results[i] = GradeResult(False, problem, None)
+            continue
+        try:
+            decided = _judge_by_string(answer, gold_texts[key])
+        except Exception as exc:  # pure string code; kept as defensive as the symbolic path
+            decided = (False, f"grader error ({type(exc).__name__})")
+        if decided is not None:
+            results[i] = GradeResult(*decided, answer)
         else:
-            jobs.append((i, answer, golds[i]))
+            jobs.append((i, answer, gold_texts[key]))
     if workers == 0:
         seconds = _alarm_seconds(timeout_s)
         for i, answer, gold in jobs:
             try:
-                correct, reason = _judge(answer, gold, seconds)
+                correct, reason = _judge_symbolically(answer, gold, seconds)
             except Exception as exc:
                 correct, reason = False, f"grader error ({type(exc).__name__})"
             results[i] = GradeResult(correct, reason, answer)
@@ -464,16 +526,30 @@ def grade_many(
     return results  # type: ignore[return-value]
 
 
+def _check_extraction(extraction: str) -> None:
+    if extraction not in EXTRACTION_MODES:
+        raise ConfigError(
+            f"verifier extraction must be one of {', '.join(EXTRACTION_MODES)}, got {extraction!r}"
+        )
+
+
 # ---------------------------------------------------------------------------------------------
 # The process pool
 # ---------------------------------------------------------------------------------------------
 
 _WORKER_COMMAND = "from sgsd.verifier import _worker_main; _worker_main()"
+# A batch message holds at most this many items and about this many bytes of JSON (or one item).
+MAX_BATCH_ITEMS = 32
+MAX_BATCH_BYTES = 8192
+# Batch messages sent to a worker and not yet fully answered (the next one waits in its pipe).
+BATCHES_IN_FLIGHT = 2
 
 
 def _worker_main() -> None:
-    """Worker loop over stdin/stdout JSON lines: receive [answer, gold, timeout_s], reply
-    [correct, reason]. The first line out is "ready". Exits when stdin closes."""
+    """Worker loop over stdin/stdout JSON lines. The first line out is "ready". Each line in is a
+    batch [timeout_s, [[answer, gold], ...]]; each item's verdict [correct, reason] is written and
+    flushed as soon as it is judged, in order (the parent times every item from the previous
+    reply). Exits when stdin closes."""
     import json
     import os
     import sys
@@ -493,17 +569,24 @@ def _worker_main() -> None:
     out.write('"ready"\n')
     out.flush()
     for line in sys.stdin:
-        answer, gold, timeout_s = json.loads(line)
-        try:
-            verdict = _judge(answer, gold, max(1, int(timeout_s // 2)))
-        except Exception as exc:
-            verdict = (False, f"grader error ({type(exc).__name__})")
-        out.write(json.dumps(list(verdict)) + "\n")
-        out.flush()
+        timeout_s, items = json.loads(line)
+        seconds = max(1, int(timeout_s // 2))
+        for answer, gold in items:
+            try:
+                verdict = _judge(answer, gold, seconds)
+            except Exception as exc:
+                verdict = (False, f"grader error ({type(exc).__name__})")
+            out.write(json.dumps(list(verdict)) + "\n")
+            out.flush()
 
 
 class _Worker:
-    """One grading subprocess (a plain `python -c`, so the caller's __main__ is never re-imported)."""
+    """One grading subprocess (a plain `python -c`, so the caller's __main__ is never re-imported).
+
+    `outstanding` holds the job indices sent (or queued in `outbox`) and not yet answered, in the
+    order the worker judges them; `batches` the item count of each message among them; the first
+    outstanding item is the one being judged, timed from `started`. Writes never block: bytes the
+    pipe does not take wait in `outbox`."""
 
     def __init__(self, memory_limit_mb: int):
         import os
@@ -521,26 +604,55 @@ class _Worker:
             env=env,
             bufsize=0,
         )
-        self.started = time.monotonic()
+        os.set_blocking(self.process.stdin.fileno(), False)
+        self.spawned = time.monotonic()
         self.ready = False
-        self.job: int | None = None
-        self.deadline = math.inf
+        self.outstanding: deque[int] = deque()
+        self.batches: deque[int] = deque()
+        self.started = math.inf
+        self.outbox = bytearray()
+        self.inbox = bytearray()
+        self.eof = False
 
     def fileno(self) -> int:
         return self.process.stdout.fileno()
 
-    def send(self, message) -> None:
+    def send(self, jobs: list[int], message) -> None:
         import json
 
-        self.process.stdin.write((json.dumps(message) + "\n").encode())
-        self.process.stdin.flush()
+        if not self.outstanding:
+            self.started = time.monotonic()
+        self.outstanding.extend(jobs)
+        self.batches.append(len(jobs))
+        self.outbox += (json.dumps(message) + "\n").encode()
+        self.flush()
 
-    def receive(self):
-        """The next message, or EOFError when the worker is gone."""
+    def flush(self) -> None:
+        """Write what the pipe takes now; a dead worker is noticed by its EOF on stdout."""
+        import os
+
+        if self.outbox:
+            try:
+                written = os.write(self.process.stdin.fileno(), self.outbox)
+            except BlockingIOError:
+                return
+            except OSError:  # broken pipe: the worker died
+                self.outbox.clear()
+                return
+            del self.outbox[:written]
+
+    def receive(self) -> list:
+        """The complete messages available now (call when readable); sets `eof` when it is gone."""
         import json
+        import os
 
-        line = self.process.stdout.readline()
-        return json.loads(line) if line else EOFError
+        chunk = os.read(self.fileno(), 1 << 16)
+        if not chunk:
+            self.eof = True
+        self.inbox += chunk
+        *lines, rest = self.inbox.split(b"\n")
+        self.inbox = bytearray(rest)
+        return [json.loads(line) for line in lines if line.strip()]
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -551,8 +663,12 @@ class _Worker:
 
 
 class GraderPool:
-    """Worker processes that judge (answer, gold) pairs, one item per worker at a time, each under a
-    hard deadline: a worker that passes it or dies is killed and replaced. Not thread-safe."""
+    """Worker processes that judge (answer, gold) pairs, sent in batches (a few messages in flight
+    per worker, so a worker never waits for the parent) while every item keeps its own hard
+    deadline: an item not answered within `timeout_s` of the previous reply (or of its batch
+    reaching an idle worker) is False, its worker is killed and replaced, and the unanswered rest
+    of that worker's batches is sent again. A worker that dies is handled the same way. Not
+    thread-safe."""
 
     def __init__(self, workers: int = 2, memory_limit_mb: int = WORKER_MEMORY_LIMIT_MB):
         if workers < 1:
@@ -565,51 +681,69 @@ class GraderPool:
     def size(self) -> int:
         return len(self._workers)
 
-    def _replace(self, worker: _Worker) -> None:
-        worker.stop()
-        self._workers[self._workers.index(worker)] = _Worker(self._memory_limit_mb)
-        self.replaced += 1
+    def judge(
+        self, items: Sequence[tuple[str, str]], timeout_s: float, batch_items: int | None = None
+    ) -> list[tuple[bool, str]]:
+        """Verdicts (correct, reason) for extracted (answer, gold) pairs, in order.
 
-    def judge(self, items: Sequence[tuple[str, str]], timeout_s: float) -> list[tuple[bool, str]]:
-        """Verdicts (correct, reason) for extracted (answer, gold) pairs, in order."""
+        Items are batched in order, so consecutive completions of one problem usually share a
+        worker and their gold is parsed there once. A batch holds `batch_items` items, or by default
+        a quarter of the remaining queue's share per worker (at most MAX_BATCH_ITEMS): batches
+        shrink towards the end, so the workers finish together."""
+        import json
+
         results: list[tuple[bool, str] | None] = [None] * len(items)
         queue = deque(range(len(items)))
-        while queue or any(w.job is not None for w in self._workers):
+        while queue or any(w.outstanding for w in self._workers):
             for w in self._workers:
-                if w.ready and w.job is None and queue:
-                    w.job = queue.popleft()
-                    try:
-                        w.send([*items[w.job], timeout_s])
-                    except OSError:  # died between items; _service sees the EOF and replaces it
-                        pass
-                    w.deadline = time.monotonic() + timeout_s
+                while w.ready and queue and len(w.batches) < BATCHES_IN_FLIGHT:
+                    jobs, size = [], 0
+                    limit = batch_items or max(1, min(MAX_BATCH_ITEMS, -(-len(queue) // (4 * self.size))))
+                    while queue and len(jobs) < limit and (not jobs or size < MAX_BATCH_BYTES):
+                        jobs.append(queue.popleft())
+                        size += len(json.dumps(items[jobs[-1]]))
+                    w.send(jobs, [timeout_s, [list(items[j]) for j in jobs]])
+                w.flush()
             now = time.monotonic()
-            wake = min([w.deadline for w in self._workers] + [now + 1.0])
+            wake = min([w.started + timeout_s for w in self._workers if w.outstanding] + [now + 1.0])
+            if any(w.outbox for w in self._workers):
+                wake = min(wake, now + 0.01)  # a full pipe: try again soon
             readable = wait_for_connections(self._workers, timeout=max(0.0, wake - now))
             for w in list(self._workers):
-                self._service(w, w in readable, results, timeout_s)
+                self._service(w, w in readable, results, queue, timeout_s)
         return results  # type: ignore[return-value]
 
-    def _service(self, w: _Worker, readable: bool, results: list, timeout_s: float) -> None:
-        """Collect a worker's message, or enforce its deadline / start-up limit."""
-        message = w.receive() if readable else None
-        if message is EOFError:
+    def _service(self, w: _Worker, readable: bool, results: list, queue: deque, timeout_s: float) -> None:
+        """Collect a worker's replies, or enforce its deadline / start-up limit."""
+        for message in w.receive() if readable else []:
+            if message == "ready":
+                w.ready = True
+                continue
+            job = w.outstanding.popleft()
+            results[job] = (bool(message[0]), str(message[1]))
+            w.batches[0] -= 1
+            if not w.batches[0]:
+                w.batches.popleft()
+            w.started = time.monotonic()
+        if w.eof:
             code = w.process.wait(timeout=5)
             if not w.ready:
                 raise RuntimeError(f"grader worker exited while starting (exit code {code})")
-            if w.job is not None:
-                results[w.job] = (False, f"grader process died (exit code {code})")
-            self._replace(w)
-        elif message == "ready":
-            w.ready = True
-        elif message is not None:
-            results[w.job] = (bool(message[0]), str(message[1]))
-            w.job, w.deadline = None, math.inf
-        elif w.job is not None and time.monotonic() >= w.deadline:
-            results[w.job] = (False, f"timed out after {timeout_s:g} s (grader process replaced)")
-            self._replace(w)
-        elif not w.ready and time.monotonic() - w.started > WORKER_START_TIMEOUT_S:
+            self._replace(w, f"grader process died (exit code {code})", results, queue)
+        elif w.outstanding and time.monotonic() >= w.started + timeout_s:
+            self._replace(w, f"timed out after {timeout_s:g} s (grader process replaced)", results, queue)
+        elif not w.ready and time.monotonic() - w.spawned > WORKER_START_TIMEOUT_S:
             raise RuntimeError(f"grader worker did not start within {WORKER_START_TIMEOUT_S:g} s")
+
+    def _replace(self, w: _Worker, reason: str, results: list, queue: deque) -> None:
+        """The item being judged fails with `reason`; the rest of the worker's items go back to the
+        front of the queue, in order; a fresh worker takes its place."""
+        if w.outstanding:
+            results[w.outstanding.popleft()] = (False, reason)
+            queue.extendleft(reversed(w.outstanding))
+        w.stop()
+        self._workers[self._workers.index(w)] = _Worker(self._memory_limit_mb)
+        self.replaced += 1
 
     def close(self) -> None:
         """Stop every worker (idempotent)."""

@@ -476,3 +476,39 @@ def test_eval_command_on_a_run_writes_summaries_and_selection(tmp_path, monkeypa
     assert seen == [run / "checkpoints" / "step-000025" / "adapter"]
     assert main(["eval", "--run", str(run), "--checkpoints", "1,x"]) == 2
     assert "comma-separated steps" in capsys.readouterr().err
+
+
+def test_evaluate_sources_and_the_eval_command_pass_the_configured_extraction(tmp_path, monkeypatch, capsys):
+    import sgsd.commands.eval as eval_cmd
+    import sgsd.evaluate as evaluate_mod
+    from sgsd.cli import main
+    from sgsd.evaluate import evaluate_sources
+
+    seen = []
+
+    def recording_grade(pairs, **kwargs):
+        seen.append(kwargs)
+        return fake_grade(pairs)
+
+    _patch_module(monkeypatch, "sgsd.generation", SamplingParams=FakeParams)
+    _patch_module(monkeypatch, "sgsd.verifier", grade_many=recording_grade)
+    monkeypatch.setattr(evaluate_mod, "_student_prompt", prompt)
+    problems = [FakeProblem("a", "ten", "10")]
+    gen = ScriptGenerator({"ten": ["\\boxed{10}", "\\boxed{1}"]})
+    evaluate_sources(
+        gen, {"hf:ten": problems}, tmp_path / "a", k=2, temperature=1.0, top_p=0.95, top_k=0,
+        max_new_tokens=16, enable_thinking=False, verifier_workers=0, verifier_extraction="free", show_progress=False,
+    )  # fmt: skip
+    assert seen and all(kw["extraction"] == "free" and kw["workers"] == 0 for kw in seen)
+
+    seen.clear()
+    _patch_module(monkeypatch, "sgsd.data", load_problems=lambda source, **kw: problems)
+    monkeypatch.setattr(eval_cmd, "_generator_factory", lambda cfg: lambda adapter: gen)
+    out = tmp_path / "b"
+    assert (
+        main(["eval", "--sources", "hf:ten", "--k", "2", "--out", str(out), "verifier.extraction=free"]) == 0
+    )
+    assert seen and all(kw["extraction"] == "free" for kw in seen)
+    seen.clear()
+    assert main(["eval", "--sources", "hf:ten", "--k", "2", "--out", str(tmp_path / "c")]) == 0
+    assert seen and all(kw["extraction"] == "boxed" for kw in seen)  # the default

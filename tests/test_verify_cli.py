@@ -76,3 +76,23 @@ def test_missing_and_undecodable_files_are_user_errors(tmp_path, capsys):
     bad.write_bytes(b"\xff\xfe\x00garbage\n")
     assert main(["verify", "--jsonl", str(bad)]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_extraction_free_grades_bare_answers(tmp_path, capsys):
+    completion = "The company's revenue was 7,425,000 dollars."
+    assert main(["verify", "--workers", "0", "--gold", "7425000", completion]) == 1  # boxed: no answer
+    assert "extracted: (none)" in capsys.readouterr().out
+    assert main(["verify", "--workers", "0", "--extraction", "free", "--gold", "7425000", completion]) == 0
+    assert "extracted: 7425000" in capsys.readouterr().out
+    src = tmp_path / "in.jsonl"
+    rows = [
+        {"completion": "Answer $ 9 $", "gold": 9},
+        {"completion": "\\boxed{2} and \\boxed{3}", "gold": "2, 3"},
+    ]
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    assert main(["verify", "--jsonl", str(src), "--workers", "0", "--extraction", "free"]) == 0
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [v["correct"] for v in printed] == [True, True]
+    with pytest.raises(SystemExit) as exc:  # argparse's usage error
+        main(["verify", "--extraction", "loose", "--gold", "1", "1"])
+    assert exc.value.code == 2 and "invalid choice: 'loose'" in capsys.readouterr().err

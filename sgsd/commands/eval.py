@@ -84,7 +84,12 @@ def run(args) -> int:
     all_sources = list(dict.fromkeys([*test_sources, *args.validation_sources]))
     problems = held_out_sets(cfg.data, all_sources)  # the run's own held-out problems (as in the loop)
     params = sampling_params(cfg.eval, n=k)
-    grade_fn = partial(grade_many, timeout_s=cfg.verifier.timeout_s, workers=cfg.verifier.workers)
+    grade_fn = partial(
+        grade_many,
+        timeout_s=cfg.verifier.timeout_s,
+        workers=cfg.verifier.workers,
+        extraction=cfg.verifier.extraction,
+    )
     prompt_fn = _skill_prompt_fn(cfg) if cfg.eval.with_skills else None
     factory = _generator_factory(cfg)
     common = dict(prompt_fn=prompt_fn, grade_fn=grade_fn, seed=eval_seed(cfg.train.seed))

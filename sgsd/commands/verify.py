@@ -13,6 +13,13 @@ def add_arguments(parser):
     parser.add_argument("--out", metavar="FILE", help="batch mode: write verdicts here (default: stdout)")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds per item (default 5)")
     parser.add_argument("--workers", type=int, default=2, help="grading processes; 0 = in this process")
+    parser.add_argument(
+        "--extraction",
+        choices=("boxed", "free"),
+        default="boxed",
+        help="boxed: only a box or an answer marker counts (training's rule, default); free: also the "
+        "last LaTeX or plain expression, several boxes as one answer, units and separators stripped",
+    )
     parser.epilog = "Single mode exits 0 when the completion is correct and 1 when it is not."
 
 
@@ -49,7 +56,9 @@ def _run_single(args) -> int:
     from sgsd.verifier import grade_many
 
     completion = _read_completion(args.completion)
-    (result,) = grade_many([(completion, args.gold)], timeout_s=args.timeout, workers=args.workers)
+    (result,) = grade_many(
+        [(completion, args.gold)], timeout_s=args.timeout, workers=args.workers, extraction=args.extraction
+    )
     print(f"extracted: {_printable(result.extracted)}")
     print(f"verdict:   {'correct' if result.correct else 'incorrect'}")
     print(f"reason:    {result.reason}")
@@ -85,7 +94,7 @@ def _run_batch(args) -> int:
         if isinstance(gold, bool) or not isinstance(gold, (str, int, float)):
             raise DataError(f"{args.jsonl}: record {line}: {args.gold_field!r} must be text or a number")
         pairs.append((completion, gold))
-    results = grade_many(pairs, timeout_s=args.timeout, workers=args.workers)
+    results = grade_many(pairs, timeout_s=args.timeout, workers=args.workers, extraction=args.extraction)
     verdicts = [
         {
             "index": i,
