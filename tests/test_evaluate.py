@@ -496,8 +496,8 @@ def test_evaluate_sources_and_the_eval_command_pass_the_configured_extraction(tm
     problems = [FakeProblem("a", "ten", "10")]
     gen = ScriptGenerator({"ten": ["\\boxed{10}", "\\boxed{1}"]})
     evaluate_sources(
-        gen, {"hf:ten": problems}, tmp_path / "a", k=2, temperature=1.0, top_p=0.95, top_k=0,
-        max_new_tokens=16, enable_thinking=False, verifier_workers=0, verifier_extraction="free", show_progress=False,
+        gen, {"hf:ten": problems}, tmp_path / "a", params=FakeParams(max_new_tokens=16, n=2),
+        enable_thinking=False, verifier_workers=0, verifier_extraction="free", show_progress=False,
     )  # fmt: skip
     assert seen and all(kw["extraction"] == "free" and kw["workers"] == 0 for kw in seen)
 
