@@ -19,6 +19,9 @@ class Policy:
     teacher: Any  # sgsd.models.TeacherPolicy: which weights the teachers score with
     generator: Any  # rollouts and in-loop evaluation (hf: the model itself; vllm: an engine)
 
+    def __iter__(self):  # model, tokenizer, teacher, generator = build_policy(...)
+        return iter((self.model, self.tokenizer, self.teacher, self.generator))
+
 
 def build_policy(cfg: Config, device) -> Policy:
     from sgsd.generation import HFGenerator, make_generator
@@ -62,6 +65,9 @@ class Skills:
     retriever: Any = None  # sgsd.skills.retrieval.Retriever
     ledger: Any = None  # sgsd.skills.ledger.SkillLedger (methods with one pair per teacher)
     evolver: Any = None  # sgsd.skills.evolve.OnlineEvolver (methods that evolve the bank)
+
+    def __iter__(self):  # bank, retriever, ledger, evolver = build_skills(...)
+        return iter((self.bank, self.retriever, self.ledger, self.evolver))
 
 
 def build_skills(cfg: Config, spec: MethodSpec) -> Skills:
@@ -115,3 +121,27 @@ def extraction_generator(cfg: Config, policy_generator):
 
         return OpenAIChatGenerator(model=s.extractor_model, base_url=s.extractor_base_url)
     return policy_generator
+
+
+def build_optimizer(cfg: Config, params: list):
+    """AdamW over `params` and the learning-rate schedule (`train.warmup_steps` linear warmup, then
+    constant, linear decay to 0 or cosine over `train.steps` optimizer steps)."""
+    import math
+
+    import torch
+
+    t = cfg.train
+    warmup, total = t.warmup_steps, max(t.steps, 1)
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if t.lr_scheduler == "linear":
+            return 1.0 - progress
+        if t.lr_scheduler == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+
+    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

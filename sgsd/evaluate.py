@@ -374,6 +374,38 @@ def evaluate_sources(
     return summary
 
 
+def evaluate_during_training(
+    cfg,
+    generator,
+    eval_sets: dict[str, Sequence],
+    out_dir: str | Path,
+    step: int,
+    retriever=None,
+    train_time_s=0.0,
+) -> dict:
+    """The trainer's held-out evaluation with the config's settings (`eval.*`, `verifier.*`, the eval
+    seed of `eval_seed`); the summary carries `train_time_s` for accuracy-against-time plots."""
+    from sgsd.generation import sampling_params
+
+    e, v = cfg.eval, cfg.verifier
+    return evaluate_sources(
+        generator,
+        eval_sets,
+        out_dir=out_dir,
+        params=sampling_params(e, n=e.k),
+        enable_thinking=e.enable_thinking,
+        seed=eval_seed(cfg.train.seed),
+        retriever=retriever,
+        verifier_timeout_s=v.timeout_s,
+        verifier_workers=v.workers,
+        verifier_extraction=v.extraction,
+        step=step,
+        batch_size=e.batch_size,
+        show_progress=cfg.train.progress,
+        extra={"train_time_s": round(train_time_s, 3)},
+    )
+
+
 # ----------------------------------------------------------------------------
 # Checkpoint sweeps over a run folder
 

@@ -42,7 +42,7 @@ import torch
 
 from sgsd import checkpoint as ckpt
 from sgsd import objectives as obj
-from sgsd.components import build_policy, build_skills, extraction_generator
+from sgsd.components import build_optimizer, build_policy, build_skills, extraction_generator
 from sgsd.config import Config, config_to_dict, dump_config
 from sgsd.data import held_out_sets, training_problems
 from sgsd.errors import UserError
@@ -82,18 +82,6 @@ def _seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
-def _lr_lambda(cfg: Config):
-    warmup, total, kind = cfg.train.warmup_steps, max(cfg.train.steps, 1), cfg.train.lr_scheduler
-
-    def factor(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return {"linear": 1.0 - progress, "cosine": 0.5 * (1.0 + math.cos(math.pi * progress))}.get(kind, 1.0)
-
-    return factor
-
-
 class Trainer:
     """Builds everything from a `Config` and runs `train()`. See the module docstring for the loop."""
 
@@ -108,20 +96,9 @@ class Trainer:
         _seed_everything(cfg.train.seed)
         self.eval_sets = held_out_sets(cfg.data)
         self.train_problems = training_problems(cfg.data, self.eval_sets)
-        skills = build_skills(cfg, self.spec)  # before the policy: a bad bank file fails before a model load
-        self.bank, self.retriever, self.ledger, self.evolver = (
-            skills.bank,
-            skills.retriever,
-            skills.ledger,
-            skills.evolver,
-        )
-        policy = build_policy(cfg, self.acc.device)
-        self.model, self.tokenizer, self.teacher, self.generator = (
-            policy.model,
-            policy.tokenizer,
-            policy.teacher,
-            policy.generator,
-        )
+        # the skills before the policy: a bad bank file fails before a model load
+        self.bank, self.retriever, self.ledger, self.evolver = build_skills(cfg, self.spec)
+        self.model, self.tokenizer, self.teacher, self.generator = build_policy(cfg, self.acc.device)
         self.pad_id = self.tokenizer.pad_token_id
         self._synced_step: int | None = None  # the step whose weights a vllm engine samples with
         self.passes = cfg.objective.grpo_iterations if self.spec.grouped else 1  # optimizer steps per batch
@@ -131,9 +108,7 @@ class Trainer:
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         if not self.trainable:
             raise UserError("the model has no trainable parameters (check model.lora_target_modules)")
-        t = cfg.train
-        self.optimizer = torch.optim.AdamW(self.trainable, lr=t.lr, weight_decay=t.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg))
+        self.optimizer, self.scheduler = build_optimizer(cfg, self.trainable)
         self.step, self.train_time_s, self.last_eval_time_s, self.last_eval_step = 0, 0.0, 0.0, -1
         self.trackers: RunTrackers | None = None  # open while train() runs
         if self.is_main:
@@ -417,6 +392,10 @@ class Trainer:
             out["pol(h/w/m/o/n)"] = "/".join(f"{m.get(k, 0):.2f}" for k in obj.POLARITY_FRACTIONS)
         return out
 
+    def _checkpointed(self) -> dict:
+        return dict(model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, teacher=self.teacher,
+                    evolver=self.evolver)  # fmt: skip
+
     def save_checkpoint(self) -> Path | None:
         """Adapter, optimizer, scheduler, RNG states, step, teacher state, bank, ledger and the evolution
         window, written into a temporary folder and renamed into place (atomic)."""
@@ -424,28 +403,13 @@ class Trainer:
         path = None
         if self.is_main:
             path = ckpt.save(
-                self.run_dir,
-                self.step,
-                model=self.model,
-                optimizer=self.optimizer,
-                scheduler=self.scheduler,
-                teacher=self.teacher,
-                bank=self.bank,
-                ledger=self.ledger,
-                evolver=self.evolver,
+                self.run_dir, self.step, bank=self.bank, ledger=self.ledger, **self._checkpointed()
             )
         self.acc.wait_for_everyone()
         return path
 
     def _resume(self) -> None:
-        state = ckpt.load_latest(
-            self.run_dir,
-            model=self.model,
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
-            teacher=self.teacher,
-            evolver=self.evolver,
-        )
+        state = ckpt.load_latest(self.run_dir, **self._checkpointed())
         if state is None:
             raise UserError(f"--resume: no complete checkpoint in {self.run_dir / 'checkpoints'}")
         self.step = state["step"]
@@ -468,29 +432,17 @@ class Trainer:
         if not self.is_main:
             self.acc.wait_for_everyone()
             return {}
-        from sgsd.evaluate import eval_seed, evaluate_sources
+        from sgsd.evaluate import evaluate_during_training
 
-        e = self.cfg.eval
-        summary = evaluate_sources(
-            self._policy_generator(),
-            self.eval_sets,
-            out_dir=self.run_dir / "eval" / f"step-{step:06d}",
-            params=sampling_params(e, n=e.k),
-            enable_thinking=e.enable_thinking,
-            seed=eval_seed(self.cfg.train.seed),
-            retriever=self.retriever if e.with_skills else None,
-            verifier_timeout_s=self.cfg.verifier.timeout_s,
-            verifier_workers=self.cfg.verifier.workers,
-            verifier_extraction=self.cfg.verifier.extraction,
-            step=step,
-            batch_size=e.batch_size,
-            show_progress=self.cfg.train.progress,
-            extra={"train_time_s": round(self.train_time_s, 3)},
-        )
+        summary = evaluate_during_training(
+            self.cfg, self._policy_generator(), self.eval_sets, self.run_dir / "eval" / f"step-{step:06d}", step,
+            retriever=self.retriever if self.cfg.eval.with_skills else None, train_time_s=self.train_time_s,
+        )  # fmt: skip
         self.model.train()
         if self.trackers is not None:
             self.trackers.log_eval(summary, step)
-        line = ", ".join(f"{src}: avg@{e.k} {r['avg@k']:.3f}" for src, r in summary["results"].items())
+        k = self.cfg.eval.k
+        line = ", ".join(f"{src}: avg@{k} {r['avg@k']:.3f}" for src, r in summary["results"].items())
         print(f"eval step {step}: {line}")
         self.acc.wait_for_everyone()
         return summary
