@@ -6,11 +6,12 @@ which is sampled two ways: unmerged, as the trainer does today (`HFGenerator(pol
 the base precision), and through `HFGenerator(policy, merged=True)` (a `MergedGenerationCopy`). A
 fourth variant is the merged copy with the progress bar on, drawn to a stand-in terminal, for the
 bar's cost. Greedy decoding with EOS disabled, so every row generates exactly `--tokens` tokens;
-the same `--batch`-row set of chain-sum prompts in the student prompt (left-padded to the longest)
+the same set of chain-sum prompts (one per row) in the student prompt (left-padded to the longest)
 for every variant; the variants run interleaved within each of `--repeats` rounds (median), after
 one short warm-up call each. Time includes the prefill. Also printed: the copy's extra memory, its
-build and refresh times, and the fraction of rows whose greedy tokens the merged copy and the
-unmerged policy agree on (bf16 rounds the two differently, so an occasional near-tie may flip).
+build and refresh times, and how far the merged copy's and the unmerged policy's greedy rows agree
+(rows equal, mean common prefix): bf16 rounds the two differently, so near-ties flip now and then
+and a row differs from there on; both are about equally close to the same weights computed in fp32.
 `--attention` also times the base model with eager attention against SDPA (the default).
 
     HF_HUB_OFFLINE=1 python benchmarks/generation.py                   # table
@@ -145,15 +146,25 @@ def main() -> None:
                 assert all(len(c.token_ids) == args.tokens for s in out for c in s)
                 times[name].append(seconds)
                 tokens[name] = [c.token_ids for s in out for c in s]
-        agree = sum(a == b for a, b in zip(tokens["merged"], tokens["lora"], strict=True)) / batch
+        pairs = list(zip(tokens["merged"], tokens["lora"], strict=True))
+        agree = sum(a == b for a, b in pairs) / batch
+        prefix = statistics.mean(
+            next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a)) for a, b in pairs
+        )
         rates = {name: batch * args.tokens / statistics.median(ts) for name, ts in times.items()}
-        by_batch[batch] = {"tok_s": rates, "times_s": times, "merged_lora_rows_agree": agree}
+        by_batch[batch] = {
+            "tok_s": rates,
+            "times_s": times,
+            "merged_lora_rows_agree": agree,
+            "merged_lora_common_prefix": prefix,
+        }
         print(f"batch {batch}, {args.tokens} new tokens per row, median of {args.repeats}:", flush=True)
         for name, rate in rates.items():
             print(f"  {name:24s} {rate:7.1f} tok/s  {rate / rates['base']:5.2f}x base", flush=True)
         print(
             f"  merged / lora {rates['merged'] / rates['lora']:.2f}x; progress bar costs "
-            f"{1 - rates['merged+progress'] / rates['merged']:+.1%}; greedy rows equal merged vs lora: {agree:.0%}",
+            f"{1 - rates['merged+progress'] / rates['merged']:+.1%}; greedy rows equal merged vs lora: {agree:.0%} "
+            f"(mean common prefix {prefix:.1f} of {args.tokens} tokens)",
             flush=True,
         )
     print(

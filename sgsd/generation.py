@@ -413,6 +413,8 @@ class MergedGenerationCopy:
         """Rebuild every merged weight: W + sum over applied adapters of scaling · B·A."""
         import torch
 
+        from sgsd.hostmem import release_freed_memory
+
         with torch.no_grad():
             for layer, merged in self._layers:
                 base = layer.get_base_layer().weight  # [out, in] ([in, out] with fan_in_fan_out)
@@ -428,6 +430,7 @@ class MergedGenerationCopy:
                     else:
                         total.addmm_(b, a, alpha=scaling)  # B·A: [out, in]
                 merged.copy_(total)
+        release_freed_memory()  # the fp32 sums (up to [intermediate, hidden] each) would stay resident
         self._state = self._dependencies()
 
     def refresh_if_stale(self) -> bool:
