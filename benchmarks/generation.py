@@ -12,7 +12,9 @@ one short warm-up call each. Time includes the prefill. Also printed: the copy's
 build and refresh times, and how far the merged copy's and the unmerged policy's greedy rows agree
 (rows equal, mean common prefix): bf16 rounds the two differently, so near-ties flip now and then
 and a row differs from there on; both are about equally close to the same weights computed in fp32.
-`--attention` also times the base model with eager attention against SDPA (the default).
+`--attention` also times the base model with eager attention against SDPA (the default). First of
+all, the progress bar's own work per decoding step is timed alone (`progress_cost_us`), which
+contention on a shared machine distorts far less than whole generate calls.
 
     HF_HUB_OFFLINE=1 python benchmarks/generation.py                   # table
     HF_HUB_OFFLINE=1 python benchmarks/generation.py --json            # ... then one JSON line
@@ -82,6 +84,28 @@ def timed(generator: HFGenerator, conversations: list[str], params: SamplingPara
         sys.stderr = saved
 
 
+def progress_cost_us(rows: int, steps: int = 2000) -> float:
+    """Microseconds one decoding step spends in `GenerationProgress.put` with a live tqdm bar drawn to
+    a stand-in terminal: `rows` new token ids per step, none of them EOS (the common case)."""
+    from tqdm.auto import tqdm
+
+    saved = sys.stderr
+    sys.stderr = _Terminal()
+    try:
+        bar = tqdm(total=rows * steps, desc="generate", unit="tok", leave=False, disable=None)
+        progress = generation.GenerationProgress(bar, steps, eos_ids=[0])
+        progress.start_batch(rows)
+        tokens = torch.randint(1, 1000, (rows,))  # [R]
+        start = time.perf_counter()
+        for _ in range(steps):
+            progress.put(tokens)
+        elapsed = time.perf_counter() - start
+        bar.close()
+    finally:
+        sys.stderr = saved
+    return elapsed / steps * 1e6
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -93,8 +117,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--attention", action="store_true", help="also time eager attention against SDPA")
     parser.add_argument("--json", action="store_true", help="end with one JSON line of the figures")
+    parser.add_argument(
+        "--progress-only", action="store_true", help="only time the progress bar's per-step work"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    progress_us = {batch: progress_cost_us(batch) for batch in args.batches}
+    for batch, us in progress_us.items():
+        print(f"progress bar: {us:.0f} us per decoding step at batch {batch}", flush=True)
+    if args.progress_only:
+        return
 
     base, tokenizer = load_policy(args.model, dtype="bfloat16", device="cpu")
     policy, _ = load_policy(args.model, dtype="bfloat16", device="cpu")
@@ -184,6 +216,7 @@ def main() -> None:
                     "lora_tok_s": round(first["lora"], 2),
                     "merged_tok_s": round(first["merged"], 2),
                     "merged_progress_tok_s": round(first["merged+progress"], 2),
+                    "progress_us_per_step": {str(b): round(us, 1) for b, us in progress_us.items()},
                     "merged_extra_gib": round(extra_gib, 3),
                     "build_s": round(build_s, 3),
                     "refresh_s": round(statistics.median(refresh_times), 3),
