@@ -650,7 +650,7 @@ class ScriptedGenerator:
 
 
 def make_generator(backend: str, **kwargs) -> Generator:
-    """Build a generator: "hf" (model, tokenizer, batch_size), "vllm" (model_path, tokenizer, ...),
+    """Build a generator: "hf" (model, tokenizer, batch_size, merged, progress), "vllm" (model_path, tokenizer, ...),
     "openai" (model, base_url, api_key) or "scripted" (responses)."""
     backends = {
         "hf": HFGenerator,
