@@ -120,14 +120,39 @@ class HFGenerator:
     Rows (conversation x sample) are generated `batch_size` at a time. With a seed, each batch
     draws from a forked RNG seeded with `seed + batch index`, so the same seed, inputs and
     batch size give the same completions and the global RNG is left untouched.
+
+    `merged=True` samples a LoRA policy through a `MergedGenerationCopy` (plain linear layers that
+    hold W + (alpha/r)·B·A; no adapter arithmetic per token), built on first use and rebuilt before
+    a call whenever the adapter changed since the last one (an optimizer step, a resume);
+    `refresh()` rebuilds it at once. A model without LoRA layers has nothing to merge and is
+    sampled as is. `progress=True` shows the tokens generated, tokens/s and an ETA on a tqdm bar
+    (`GenerationProgress`) when stderr is a terminal.
     """
 
-    def __init__(self, model, tokenizer, batch_size: int = 32):
+    def __init__(self, model, tokenizer, batch_size: int = 32, merged: bool = False, progress: bool = False):
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        self.merged = bool(merged) and has_lora_layers(model)
+        self.progress = progress
+        self._merged_copy: MergedGenerationCopy | None = None
+
+    def generation_model(self):
+        """The module that generates: the merged copy (built, or rebuilt if stale) or the model itself."""
+        if not self.merged:
+            return self.model
+        if self._merged_copy is None:
+            self._merged_copy = MergedGenerationCopy(self.model)
+        else:
+            self._merged_copy.refresh_if_stale()
+        return self._merged_copy.module
+
+    def refresh(self) -> None:
+        """Rebuild the merged copy's weights from the policy now (a no-op without a merged copy)."""
+        if self._merged_copy is not None:
+            self._merged_copy.refresh()
 
     def prompt_ids(self, conversation: Conversation, enable_thinking: bool = False) -> list[int]:
         text = render_chat(self.tokenizer, conversation, enable_thinking=enable_thinking)
@@ -137,6 +162,7 @@ class HFGenerator:
         self, conversations: Sequence[Conversation], params: SamplingParams, enable_thinking: bool = False
     ) -> list[list[Completion]]:
         import torch
+        from tqdm.auto import tqdm
 
         prompts = [self.prompt_ids(c, enable_thinking) for c in conversations]
         rows = [i for i in range(len(prompts)) for _ in range(params.n)]  # conversation index per row
@@ -144,26 +170,42 @@ class HFGenerator:
         results: list[list[Completion]] = [[] for _ in prompts]
         was_training = self.model.training
         self.model.eval()
+        bar = tqdm(
+            total=len(rows) * params.max_new_tokens,
+            desc="generate",
+            unit="tok",
+            leave=False,
+            disable=None if self.progress else True,  # None: off when stderr is not a terminal
+        )
+        progress = None if bar.disable else GenerationProgress(bar, params.max_new_tokens, eos_ids)
         try:
+            with torch.no_grad():
+                model = self.generation_model()
             for batch_index, start in enumerate(range(0, len(rows), self.batch_size)):
                 batch_rows = rows[start : start + self.batch_size]
                 seed = None if params.seed is None else params.seed + batch_index
                 with torch.no_grad():
-                    new_tokens = self._generate_batch([prompts[i] for i in batch_rows], params, eos_ids, seed)
+                    new_tokens = self._generate_batch(
+                        model, [prompts[i] for i in batch_rows], params, eos_ids, seed, progress
+                    )
                 for conv_index, tokens in zip(batch_rows, new_tokens, strict=True):
                     results[conv_index].append(self._completion(prompts[conv_index], tokens, eos_ids, params))
         finally:
+            bar.close()
             self.model.train(was_training)
         return results
 
-    def _generate_batch(self, prompts: list[list[int]], params: SamplingParams, eos_ids, seed):
-        """Left-pad `prompts`, sample, and return each row's generated ids (may include padding)."""
+    def _generate_batch(
+        self, model, prompts: list[list[int]], params: SamplingParams, eos_ids, seed, progress=None
+    ):
+        """Left-pad `prompts`, sample with `model`, and return each row's generated ids (may include
+        padding). `progress` (a `GenerationProgress`) is told every decoding step's tokens."""
         import torch
         from transformers import GenerationConfig
 
         from sgsd.models import adapters_in_base_precision
 
-        device = next(self.model.parameters()).device
+        device = next(model.parameters()).device
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos_ids[0]
         width = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)  # [R, P]
@@ -187,21 +229,24 @@ class HFGenerator:
             epsilon_cutoff=0.0,
             eta_cutoff=0.0,
             no_repeat_ngram_size=0,
-            min_p=0.0 if getattr(self.model.generation_config, "min_p", None) is not None else None,
+            min_p=0.0 if getattr(model.generation_config, "min_p", None) is not None else None,
         )
         devices = [device.index or 0] if device.type == "cuda" else []
         # adapters in the base precision, as sgsd.scoring runs them: rollouts are sampled with the
         # same numerics their log-probs are scored with
         with (
             torch.random.fork_rng(devices=devices, enabled=seed is not None),
-            adapters_in_base_precision(self.model),
+            adapters_in_base_precision(model),
         ):
             if seed is not None:
                 torch.manual_seed(seed)
-            output = self.model.generate(
+            if progress is not None:
+                progress.start_batch(len(prompts))
+            output = model.generate(
                 input_ids=input_ids.to(device),
                 attention_mask=attention_mask.to(device),
                 generation_config=config,
+                streamer=progress,
             )  # [R, P + T]
         return output[:, width:].tolist()
 
@@ -230,6 +275,189 @@ class HFGenerator:
             else:
                 low = mid + 1
         return low
+
+
+class GenerationProgress:
+    """Tokens generated, tokens/s and an ETA on a tqdm bar, advanced at every decoding step.
+
+    A transformers streamer (`generate(..., streamer=...)` calls `put` with the prompt once, then with
+    each step's `[rows]` new token ids, on the CPU). The bar counts tokens: its total starts at rows x
+    max_new_tokens, an upper bound, and drops by a row's unused budget as soon as the row emits an
+    end-of-sequence token, so `n` is the tokens generated so far, the rate is real tokens/s and the
+    ETA an upper bound that tightens as rows finish. Call `start_batch(rows)` before each batch.
+    """
+
+    def __init__(self, bar, max_new_tokens: int, eos_ids: Sequence[int]):
+        import torch
+
+        self.bar = bar
+        self.max_new_tokens = max_new_tokens
+        self.eos_ids = torch.tensor(list(eos_ids), dtype=torch.long)
+        self.generated = 0  # tokens generated over all batches
+        self._finished = torch.zeros(0, dtype=torch.bool)  # [R] rows that emitted an EOS
+        self._steps = 0  # decoding steps of the current batch
+
+    def start_batch(self, rows: int) -> None:
+        import torch
+
+        self._finished = torch.zeros(rows, dtype=torch.bool)  # [R]
+        self._steps = 0
+
+    def put(self, value) -> None:
+        import torch
+
+        if value.dim() > 1:  # the prompt ids [R, P], sent once before decoding
+            return
+        live = ~self._finished  # [R] rows that produced a real token this step
+        self._steps += 1
+        self._finished |= torch.isin(value, self.eos_ids)
+        new_tokens = int(live.sum())
+        ended = int((self._finished & live).sum())
+        self.generated += new_tokens
+        if ended:  # their remaining budget will never be generated
+            self.bar.total -= ended * (self.max_new_tokens - self._steps)
+        self.bar.update(new_tokens)
+
+    def end(self) -> None:
+        pass
+
+
+def has_lora_layers(model) -> bool:
+    """True when `model` contains peft LoRA layers (a LoRA policy, trainable or loaded for evaluation)."""
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:
+        return False
+    return any(isinstance(m, LoraLayer) for m in model.modules())
+
+
+class MergedGenerationCopy:
+    """A generation-only copy of a LoRA policy whose adapted linear layers hold W + (alpha/r)·B·A.
+
+        copy = MergedGenerationCopy(policy)      # policy: a peft model (LoRA on linear layers)
+        copy.module.generate(...)                # plain linear layers: no adapter work per token
+        optimizer.step(); copy.refresh()         # or refresh_if_stale() before each use
+
+    Only the weights of the LoRA-wrapped linear layers are new tensors (`extra_bytes`: one more copy
+    of the targeted weights in their dtype). Everything else in `module` (embeddings, norms, the
+    head, rotary tables, biases, the config and generation config) is the policy's own tensor or
+    object, shared, not copied; `module` has its own module objects, so replacing its layers leaves
+    the policy untouched. Each merged weight is rebuilt from the policy's untouched base weight and
+    the adapters the policy currently applies (its active adapters; none while adapters are
+    disabled), summed in fp32 and rounded once to the base dtype. The training weights are never
+    merged into and unmerged from, which in bf16 would drift a little every step.
+
+    `refresh_if_stale()` rebuilds when anything the merged weights depend on changed: the active
+    adapters, their scaling, or a tensor's storage or version counter (every in-place update, e.g.
+    an optimizer step or `load_state_dict`, bumps it; writes through `.data` do not).
+    """
+
+    def __init__(self, model):
+        import copy
+
+        from peft.tuners.lora import Linear as LoraLinear
+        from peft.tuners.lora import LoraLayer
+
+        root = model.get_base_model() if hasattr(model, "get_base_model") else model
+        shared = {id(t): t for t in itertools.chain(root.parameters(), root.buffers())}
+        for attr in ("config", "generation_config"):
+            if getattr(root, attr, None) is not None:
+                shared[id(getattr(root, attr))] = getattr(root, attr)
+        module = copy.deepcopy(root, shared)  # new module objects; every tensor in `shared` is reused
+        self._layers: list[tuple] = []  # (the policy's LoRA layer, the copy's merged weight)
+        for name, layer in root.named_modules():
+            if not isinstance(layer, LoraLayer):
+                continue
+            if not isinstance(layer, LoraLinear):
+                raise ConfigError(
+                    f"merged generation supports LoRA on linear layers only; {name} is a {type(layer).__name__}"
+                )
+            plain = module.get_submodule(name).get_base_layer()  # the copy's own base-layer object
+            base_weight = layer.get_base_layer().weight
+            merged = _frozen_like(base_weight)
+            plain.weight = merged  # replaces the shared weight in the copy only
+            module.set_submodule(name, plain)
+            self._layers.append((layer, merged))
+        if not self._layers:
+            raise ConfigError("the model has no LoRA layers: there is nothing to merge")
+        module.eval()
+        self.module = module
+        self._state: tuple | None = None
+        self.refresh()
+
+    @property
+    def extra_bytes(self) -> int:
+        """Memory the copy adds: its merged weights (the shared tensors cost nothing)."""
+        return sum(merged.numel() * merged.element_size() for _, merged in self._layers)
+
+    @staticmethod
+    def _applied(layer) -> list[str]:
+        """The adapters `layer`'s own forward would add, checked to be plain LoRA."""
+        if layer.merged:
+            raise ConfigError(
+                "the policy's adapters are merged into its weights; merged generation needs them apart"
+            )
+        names = [] if layer.disable_adapters else [a for a in layer.active_adapters if a in layer.lora_A]
+        for name in names:
+            if name in layer.lora_variant or layer.lora_bias.get(name, False):
+                raise ConfigError(
+                    f"merged generation supports plain LoRA only; adapter {name!r} is a variant"
+                )
+        return names
+
+    def _dependencies(self) -> tuple:
+        """Everything the merged weights are computed from, as a comparable key."""
+        key = []
+        for layer, _ in self._layers:
+            names = self._applied(layer)
+            tensors = [layer.get_base_layer().weight]
+            for name in names:
+                tensors += [layer.lora_A[name].weight, layer.lora_B[name].weight]
+            key.append(
+                (
+                    tuple(names),
+                    tuple(layer.scaling[name] for name in names),
+                    tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors),
+                )
+            )
+        return tuple(key)
+
+    def refresh(self) -> None:
+        """Rebuild every merged weight: W + sum over applied adapters of scaling · B·A."""
+        import torch
+
+        from sgsd.hostmem import release_freed_memory
+
+        with torch.no_grad():
+            for layer, merged in self._layers:
+                base = layer.get_base_layer().weight  # [out, in] ([in, out] with fan_in_fan_out)
+                if (merged.shape, merged.dtype, merged.device) != (base.shape, base.dtype, base.device):
+                    merged.data = torch.empty_like(base)  # the policy moved or changed dtype
+                total = base.to(torch.float32, copy=True)  # the same layout as base
+                for name in self._applied(layer):
+                    a = layer.lora_A[name].weight.float()  # [r, in]
+                    b = layer.lora_B[name].weight.float()  # [out, r]
+                    scaling = layer.scaling[name]
+                    if layer.fan_in_fan_out:
+                        total.addmm_(a.T, b.T, alpha=scaling)  # (B·A)^T: [in, out]
+                    else:
+                        total.addmm_(b, a, alpha=scaling)  # B·A: [out, in]
+                merged.copy_(total)
+        release_freed_memory()  # the fp32 sums (up to [intermediate, hidden] each) would stay resident
+        self._state = self._dependencies()
+
+    def refresh_if_stale(self) -> bool:
+        """Rebuild if the policy's adapters changed since the last build; True when it rebuilt."""
+        if self._dependencies() == self._state:
+            return False
+        self.refresh()
+        return True
+
+
+def _frozen_like(weight):
+    import torch
+
+    return torch.nn.Parameter(torch.empty_like(weight), requires_grad=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -435,7 +663,7 @@ class ScriptedGenerator:
 
 
 def make_generator(backend: str, **kwargs) -> Generator:
-    """Build a generator: "hf" (model, tokenizer, batch_size), "vllm" (model_path, tokenizer, ...),
+    """Build a generator: "hf" (model, tokenizer, batch_size, merged, progress), "vllm" (model_path, tokenizer, ...),
     "openai" (model, base_url, api_key) or "scripted" (responses)."""
     backends = {
         "hf": HFGenerator,

@@ -3,16 +3,24 @@ the scripted generator, and (embedded, slow) real sampling from the embedded Qwe
 
 from __future__ import annotations
 
+import contextlib
+import copy as copy_module
+import io
 import json
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 import torch
 
+import sgsd.generation as generation
+from sgsd.config import ALL_PROJECTIONS
 from sgsd.errors import ConfigError, UserError
 from sgsd.generation import (
+    GenerationProgress,
     HFGenerator,
+    MergedGenerationCopy,
     OpenAIChatGenerator,
     SamplingParams,
     ScriptedGenerator,
@@ -20,7 +28,7 @@ from sgsd.generation import (
     eos_token_ids,
     make_generator,
 )
-from sgsd.models import load_policy
+from sgsd.models import TeacherPolicy, adapters_in_base_precision, apply_lora, load_policy
 from sgsd.prompts import render_chat
 
 torch.set_num_threads(2)
@@ -170,6 +178,219 @@ def test_hf_overrides_model_sampling_defaults(tiny):
     finally:
         model.generation_config.repetition_penalty = saved
     assert _tokens(again) == _tokens(plain)
+
+
+# ---- merged generation copy (hf backend) ------------------------------------------------------
+
+TARGETS = ["q_proj", "v_proj", "up_proj"]
+
+
+def _lora_policy(tiny_model_dir, dtype, targets=TARGETS, std=0.3):
+    """A fresh tiny policy with rank-4 (alpha 8, scaling 2) LoRA adapters whose lora_B ~ N(0, std^2)."""
+    model, tokenizer = load_policy(str(tiny_model_dir), dtype=dtype, device="cpu")
+    torch.manual_seed(0)  # lora_A's random init
+    model = apply_lora(model, rank=4, alpha=8, dropout=0.0, target_modules=targets)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, std)
+    return model, tokenizer
+
+
+def _forward(module, ids, context=None):
+    with torch.no_grad(), context or contextlib.nullcontext():
+        return module(input_ids=ids).logits.float()  # [1, T, V]
+
+
+def _ids(tokenizer):
+    return torch.tensor(
+        [tokenizer("What is 12 + 7? Think step by step.", add_special_tokens=False)["input_ids"]]
+    )
+
+
+def test_merged_weight_is_w_plus_scaled_ba_by_hand(tiny_model_dir):
+    """One layer with hand-set adapters: rank 4, alpha 8, so scaling = 2; A has a single 1 at [0, 5]
+    and B a single 3 at [7, 0], so B·A is 3 at [7, 5] and the merged weight is W + 6 there, W elsewhere."""
+    model, _ = _lora_policy(tiny_model_dir, "float32")
+    layer = model.get_base_model().model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        layer.lora_A["default"].weight.zero_()[0, 5] = 1.0
+        layer.lora_B["default"].weight.zero_()[7, 0] = 3.0
+    w = layer.base_layer.weight.detach().clone()
+    copy = MergedGenerationCopy(model)
+    merged = copy.module.model.layers[0].self_attn.q_proj.weight
+    expected = w.clone()
+    expected[7, 5] += 6.0
+    assert layer.scaling["default"] == 2.0
+    assert torch.equal(merged, expected)
+    assert torch.equal(layer.base_layer.weight, w)  # the training weight is not touched
+
+
+def test_merged_copy_equals_unmerged_policy_in_fp32_and_shares_the_rest(tiny_model_dir):
+    model, tokenizer = _lora_policy(tiny_model_dir, "float32")
+    model.eval()
+    copy = MergedGenerationCopy(model)
+    base = model.get_base_model()
+    ids = _ids(tokenizer)
+    assert torch.allclose(_forward(copy.module, ids), _forward(model, ids), atol=1e-4)  # fp32 reassociation
+
+    # shared, not copied: embeddings, norms and the head are the policy's own tensors
+    assert copy.module.model.embed_tokens.weight is base.model.embed_tokens.weight
+    assert copy.module.lm_head.weight is base.lm_head.weight
+    assert copy.module.model.norm.weight is base.model.norm.weight
+    assert copy.module.model.layers[1].mlp.down_proj.weight is base.model.layers[1].mlp.down_proj.weight
+    # the copy's targeted layers are plain linear layers; the policy keeps its LoRA layers
+    assert type(copy.module.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    assert hasattr(base.model.layers[0].self_attn.q_proj, "lora_A")
+    # extra memory = the targeted weights once: per layer q 64x64, v 32x64 (2 KV heads x 16), up 128x64;
+    # 2 layers, fp32
+    assert copy.extra_bytes == 2 * (64 * 64 + 32 * 64 + 128 * 64) * 4
+
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=12)
+    unmerged = HFGenerator(model, tokenizer, batch_size=2).generate(PROBLEMS, greedy)
+    merged = HFGenerator(model, tokenizer, batch_size=2, merged=True).generate(PROBLEMS, greedy)
+    assert _tokens(merged) == _tokens(unmerged)
+
+
+def test_merged_copy_bf16_is_as_close_to_exact_as_the_unmerged_policy(tiny_model_dir):
+    """In bf16 the merged weights round W + s·B·A once; the unmerged policy keeps W exact and rounds
+    B·(A·x). Against the same weights computed in fp32, the merged copy's logits are no further off
+    than those of the unmerged forward the generator runs (adapters in the base precision), and its
+    greedy choice (the argmax at each of 4 x 48 teacher-forced positions) agrees with the fp32 one as
+    often. Free-running greedy sequences are not compared: this random tiny model has near-ties that
+    either bf16 path flips now and then, after which the sequences differ."""
+    model, tokenizer = _lora_policy(tiny_model_dir, "bfloat16", targets=ALL_PROJECTIONS, std=0.05)
+    model.eval()
+    exact_model = copy_module.deepcopy(model).float()
+    ids = torch.randint(100, 40_000, (4, 48), generator=torch.Generator().manual_seed(0))  # [4, 48]
+    exact = _forward(exact_model, ids)  # [4, 48, V]
+    unmerged = _forward(model, ids, adapters_in_base_precision(model))
+    merged = MergedGenerationCopy(model)
+    assert merged.module.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
+    ours = _forward(merged.module, ids)
+
+    def error(a, b):
+        return float((a - b).norm() / b.norm())
+
+    def greedy_agreement(logits):
+        return float((logits.argmax(-1) == exact.argmax(-1)).float().mean())
+
+    assert error(unmerged, exact) < 0.05
+    assert error(ours, exact) < 1.25 * error(unmerged, exact)  # measured 0.0232 (merged), 0.0222 (unmerged)
+    assert greedy_agreement(unmerged) > 0.9
+    assert greedy_agreement(ours) >= greedy_agreement(unmerged) - 0.03  # measured 0.948 both
+
+
+def test_merged_copy_follows_optimizer_steps_and_active_adapters(tiny_model_dir):
+    """After an optimizer step the generator rebuilds the copy before sampling (the adapter's version
+    counter moved) and samples what the updated policy samples; a call with nothing changed does not
+    rebuild; a second (teacher) adapter does not leak in, and disabling the adapters gives the base."""
+    model, tokenizer = _lora_policy(tiny_model_dir, "float32")
+    TeacherPolicy(model, "ema", ema_decay=0.5)  # adds a second adapter, as the trainer's ema teacher does
+    generator = HFGenerator(model, tokenizer, merged=True)
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=10)
+    before = generator.generate(PROBLEMS, greedy)
+    copy = generator._merged_copy
+    assert not copy.refresh_if_stale()  # nothing changed since the build
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model.train()
+    model(input_ids=_ids(tokenizer)).logits.float().square().mean().backward()
+    optimizer.step()
+    weight = copy.module.model.layers[0].self_attn.q_proj.weight.clone()
+    after = generator.generate(PROBLEMS, greedy)
+    assert not torch.equal(copy.module.model.layers[0].self_attn.q_proj.weight, weight)  # rebuilt
+    assert _tokens(after) == _tokens(HFGenerator(model, tokenizer).generate(PROBLEMS, greedy))
+    assert _tokens(after) != _tokens(before)
+    assert model.training  # the generator restores train mode
+
+    with model.disable_adapter():
+        base_only = generator.generate(PROBLEMS, greedy)
+    plain_model, _ = load_policy(str(tiny_model_dir), dtype="float32", device="cpu")
+    assert _tokens(base_only) == _tokens(HFGenerator(plain_model, tokenizer).generate(PROBLEMS, greedy))
+    generator.refresh()  # explicit rebuild: back to the adapter
+    assert _tokens(generator.generate(PROBLEMS, greedy)) == _tokens(after)
+
+
+def test_merged_is_off_without_lora(tiny):
+    model, tokenizer = tiny
+    generator = HFGenerator(model, tokenizer, merged=True)
+    assert not generator.merged and generator.generation_model() is model
+    generator.refresh()  # nothing to refresh: no error
+    with pytest.raises(ConfigError, match="no LoRA layers"):
+        MergedGenerationCopy(model)
+
+
+# ---- progress ---------------------------------------------------------------------------------
+
+
+class _Bar:
+    def __init__(self, total):
+        self.total, self.n = total, 0
+
+    def update(self, k):
+        self.n += k
+
+
+def test_generation_progress_counts_tokens_and_drops_unused_budget_by_hand():
+    """3 rows, 5 new tokens at most, EOS id 9 (also the pad id after a row ends). Step 1: [1, 9, 2]:
+    3 tokens, row 1 ends with 4 of its 5 slots unused (total 15 -> 11). Step 2: [3, 9, 9]: 2 tokens
+    (row 1 is padding), row 2 ends with 3 unused (total 8). Steps 3-5: row 0 alone, 1 token each:
+    8 tokens in all, reaching the total."""
+    bar = _Bar(3 * 5)
+    progress = GenerationProgress(bar, max_new_tokens=5, eos_ids=[9])
+    progress.start_batch(3)
+    progress.put(torch.tensor([[4, 4], [4, 4], [4, 4]]))  # the prompt: ignored
+    assert (bar.n, bar.total) == (0, 15)
+    progress.put(torch.tensor([1, 9, 2]))
+    assert (bar.n, bar.total) == (3, 11)
+    progress.put(torch.tensor([3, 9, 9]))
+    assert (bar.n, bar.total) == (5, 8)
+    for _ in range(3):
+        progress.put(torch.tensor([7, 9, 9]))
+    progress.end()
+    assert (bar.n, bar.total, progress.generated) == (8, 8, 8)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_hf_progress_bar_on_a_terminal_counts_the_generated_tokens(tiny, monkeypatch):
+    """With progress on and a terminal, the bar ends at exactly the tokens generated (the 3rd greedy
+    token of the first prompt is declared an EOS, so that row ends early and gives back its budget)."""
+    model, tokenizer = tiny
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=8)
+    third = HFGenerator(model, tokenizer).generate([PROBLEMS[0]], greedy)[0][0].token_ids[2]
+    seen = []
+
+    class Recording(GenerationProgress):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            seen.append(self)
+
+    monkeypatch.setattr(generation, "GenerationProgress", Recording)
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    saved = model.generation_config.eos_token_id
+    try:
+        model.generation_config.eos_token_id = [tokenizer.eos_token_id, third]
+        results = HFGenerator(model, tokenizer, batch_size=2, progress=True).generate(PROBLEMS, greedy)
+    finally:
+        model.generation_config.eos_token_id = saved
+    generated = sum(len(c.token_ids) for samples in results for c in samples)
+    assert results[0][0].finish_reason == "stop" and generated < 2 * 8
+    assert len(seen) == 1 and seen[0].generated == generated
+    assert seen[0].bar.n == seen[0].bar.total == generated
+    assert "generate" in terminal.getvalue() and "tok" in terminal.getvalue()
+
+    # quiet: progress off, or on but stderr is not a terminal
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    HFGenerator(model, tokenizer, progress=True).generate([PROBLEMS[0]], greedy)
+    monkeypatch.setattr(sys, "stderr", terminal)
+    HFGenerator(model, tokenizer, progress=False).generate([PROBLEMS[0]], greedy)
+    assert len(seen) == 1
 
 
 # ---- scripted ---------------------------------------------------------------------------------
