@@ -23,7 +23,9 @@ class Policy:
         return iter((self.model, self.tokenizer, self.teacher, self.generator))
 
 
-def build_policy(cfg: Config, device) -> Policy:
+def build_policy(cfg: Config, device, show_progress: bool = False) -> Policy:
+    """The policy (LoRA-wrapped, on `device`), its tokenizer, teacher weights and rollout generator;
+    `show_progress` puts a token bar on hf generation (rollouts and in-loop evaluation)."""
     from sgsd.generation import HFGenerator, make_generator
     from sgsd.models import TeacherPolicy, apply_lora, load_policy, resolve_model_path
 
@@ -55,7 +57,9 @@ def build_policy(cfg: Config, device) -> Policy:
             dtype=m.dtype,
         )
     else:
-        generator = HFGenerator(model, tokenizer, batch_size=r.batch_size)
+        generator = HFGenerator(
+            model, tokenizer, batch_size=r.batch_size, merged=r.merged_generation, progress=show_progress
+        )
     return Policy(model, tokenizer, teacher, generator)
 
 

@@ -98,7 +98,9 @@ class Trainer:
         self.train_problems = training_problems(cfg.data, self.eval_sets)
         # the skills before the policy: a bad bank file fails before a model load
         self.bank, self.retriever, self.ledger, self.evolver = build_skills(cfg, self.spec)
-        self.model, self.tokenizer, self.teacher, self.generator = build_policy(cfg, self.acc.device)
+        self.model, self.tokenizer, self.teacher, self.generator = build_policy(
+            cfg, self.acc.device, show_progress=cfg.train.progress and self.is_main
+        )
         self.pad_id = self.tokenizer.pad_token_id
         self._synced_step: int | None = None  # the step whose weights a vllm engine samples with
         self.passes = cfg.objective.grpo_iterations if self.spec.grouped else 1  # optimizer steps per batch

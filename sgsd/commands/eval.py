@@ -179,7 +179,10 @@ def _generator_factory(cfg):
             attn_implementation=cfg.model.attn_implementation, adapter=adapter,
         )  # fmt: skip
         model.eval()
-        state["hf"] = make_generator("hf", model=model, tokenizer=tokenizer, batch_size=cfg.eval.batch_size)
+        state["hf"] = make_generator(  # sampled as in the loop: merged LoRA copy (rollout.merged_generation)
+            "hf", model=model, tokenizer=tokenizer, batch_size=cfg.eval.batch_size,
+            merged=cfg.rollout.merged_generation, progress=True,
+        )  # fmt: skip
         return state["hf"]
 
     return factory
