@@ -180,6 +180,9 @@ class ObjectiveConfig:
     support: Literal["full", "topk"] = "full"
     # K of the top-K support variant
     support_top_k: int = 100
+    # robust support a~: paper (Eq. 12), expected (gaps minus their expectation under the sampler),
+    # null_relative (minus a content-free teacher's support), teacher_centred (minus the teachers' mean)
+    support_estimator: Literal["paper", "expected", "null_relative", "teacher_centred"] = "paper"
     # beta of the generalized JSD (0 = forward KL, 1 = reverse KL)
     jsd_beta: float = 0.5
     # completion positions per chunk when computing log-probs and divergences
@@ -255,6 +258,22 @@ class EvalConfig:
 
 
 @dataclass
+class ProbeConfig:
+    # `sgsd probe`: training problems probed (the first N of a seeded shuffle of the training set)
+    problems: int = 32
+    # rollouts sampled per problem with the training sampler (rollout.*)
+    rollouts: int = 4
+    # JSON file of planted skill-mistake pairs (name, role helpful|misleading|null, skill, mistake)
+    planted: str | None = None
+    # rollouts scored per forward group (memory knob; teacher rows still go teachers.chunk_rows at a time)
+    micro_batch: int = 4
+    # bootstrap resamples of problems for the AUC confidence intervals
+    bootstrap: int = 1000
+    # output folder (None = runs/probe-<time>)
+    output_dir: str | None = None
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -265,6 +284,7 @@ class Config:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
 
 
 # ---------------------------------------------------------------------------
@@ -329,6 +349,10 @@ RANGES: dict[tuple[str, str], tuple[Any, str]] = {
     ("eval", "top_k"): _NON_NEGATIVE,
     ("eval", "max_new_tokens"): _AT_LEAST_ONE,
     ("eval", "batch_size"): _AT_LEAST_ONE,
+    ("probe", "problems"): _AT_LEAST_ONE,
+    ("probe", "rollouts"): _AT_LEAST_ONE,
+    ("probe", "micro_batch"): _AT_LEAST_ONE,
+    ("probe", "bootstrap"): _AT_LEAST_ONE,
 }
 
 
@@ -438,6 +462,8 @@ def validate(cfg: Config) -> Config:
         )
     if cfg.train.method.startswith("grpo") and cfg.rollout.num_generations < 2:
         raise ConfigError("rollout.num_generations must be >= 2 for GRPO (group-relative advantages)")
+    if cfg.objective.support_estimator == "teacher_centred" and cfg.teachers.count < 2:
+        raise ConfigError("objective.support_estimator=teacher_centred needs teachers.count >= 2")
     if cfg.skills.extractor == "openai" and not cfg.skills.extractor_base_url:
         raise ConfigError("skills.extractor=openai needs skills.extractor_base_url")
     return cfg
