@@ -464,6 +464,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("rollout.num_generations must be >= 2 for GRPO (group-relative advantages)")
     if cfg.objective.support_estimator == "teacher_centred" and cfg.teachers.count < 2:
         raise ConfigError("objective.support_estimator=teacher_centred needs teachers.count >= 2")
+    if cfg.objective.support_estimator == "expected" and cfg.objective.support != "full":
+        raise ConfigError("objective.support_estimator=expected needs objective.support=full")
     if cfg.skills.extractor == "openai" and not cfg.skills.extractor_base_url:
         raise ConfigError("skills.extractor=openai needs skills.extractor_base_url")
     return cfg
