@@ -107,16 +107,7 @@ def auc(scores, labels) -> float:
     pos, neg = int(labels.sum()), int((~labels).sum())
     if pos == 0 or neg == 0:
         return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores), dtype=float)
-    sorted_scores = scores[order]
-    i = 0
-    while i < len(scores):  # average ranks over ties (1-based)
-        j = i
-        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
-        i = j + 1
+    ranks = _ranks(scores)
     return float((ranks[labels].sum() - pos * (pos + 1) / 2.0) / (pos * neg))
 
 
@@ -164,6 +155,28 @@ def _separation(scores, labels, groups, n_boot: int, seed: int) -> dict[str, Any
         "auc_ci": [lo, hi],
         "n": int(len(scores)),
     }
+
+
+def spearman(x, y) -> float:
+    """Spearman rank correlation (average ranks for ties); NaN when either side is constant."""
+    rx, ry = _ranks(np.asarray(x, float)), _ranks(np.asarray(y, float))
+    if rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    order = np.argsort(values, kind="mergesort")
+    ranks = np.empty(len(values), dtype=float)
+    sorted_values = values[order]
+    i = 0
+    while i < len(values):  # average ranks over ties (1-based)
+        j = i
+        while j + 1 < len(values) and sorted_values[j + 1] == sorted_values[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
+        i = j + 1
+    return ranks
 
 
 def _side(ci) -> str:
@@ -257,6 +270,7 @@ def analyse(
         row = _separation(values, labels, groups, n_boot, seed + k)
         row.update(polarity_mix(values, labels, threshold))
         row["mean_abs_gap"] = float(gap_for[name].abs()[live].sum() / n_live)
+        row["spearman_length"] = spearman(values, np.asarray(length, float)[rows])
         row["available"] = True
         estimators[name] = row
 
@@ -347,19 +361,19 @@ def render_markdown(result: dict) -> str:
         f"{_fmt(g['mean_baseline'], 4)}, mean |Δ| {g['mean_abs_delta']:.4f}.",
         "",
         "| estimator | support, correct | support, wrong | AUC [95% CI] | helpful | warning | misleading "
-        "| over-suppr. | neutral | mean abs gap |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| over-suppr. | neutral | mean abs gap | Spearman with length |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in result["estimators"].items():
         if not row.get("available"):
-            lines.append(f"| {name} | n/a | | | | | | | | |")
+            lines.append(f"| {name} | n/a | | | | | | | | | |")
             continue
         mix = (
             " | ".join(f"{row[k]:.2f}" for k in POLARITY_FRACTIONS[:4]) + f" | {row['neutral_fraction']:.2f}"
         )
         lines.append(
             f"| {name} | {_fmt(row['mean_correct'])} | {_fmt(row['mean_wrong'])} | {_fmt_auc(row)} | {mix} "
-            f"| {row['mean_abs_gap']:.4f} |"
+            f"| {row['mean_abs_gap']:.4f} | {_fmt(row['spearman_length'], 2)} |"
         )
     lines += ["", "Confounds (per rollout, no teacher):", "", "| score | correct | wrong | AUC [95% CI] |",
               "|---|---|---|---|"]  # fmt: skip
@@ -649,21 +663,23 @@ def run_probe(cfg, out_dir: str | Path, rollouts_only: bool = False, show=print)
     cfg.train.method = "sgsd"  # teachers are built as SGSD builds them
     cfg.rollout.num_generations = cfg.probe.rollouts
     cfg.skills.online_update = False
-    cfg.data.eval_sources = []  # the probe evaluates nothing; no held-out sets to load
-    trainer = Trainer(cfg, out_dir)
-    rollouts = sample_and_grade(trainer, out_dir, show)
-    if rollouts_only:
-        return None
+    # the probe evaluates nothing: no held-out sets are loaded, so problems are drawn from the training
+    # set without the contamination guard (which only matters for training)
+    cfg.data.eval_sources = []
     fingerprint = _fingerprint(cfg, {"planted": [p.name for p in planted], "teachers": cfg.teachers.count,
                                      "token_mask": cfg.objective.token_mask, "mode": cfg.teachers.mode})  # fmt: skip
     cache = out_dir / "scores.pt"
     scored = None
-    if cache.exists():
+    if cache.exists() and not rollouts_only:
         saved = torch.load(cache, weights_only=False)
         if saved.get("fingerprint") == fingerprint:
-            show(f"reusing scores from {cache}")
+            show(f"reusing scores from {cache}")  # no model needed
             scored = saved
     if scored is None:
+        trainer = Trainer(cfg, out_dir)
+        rollouts = sample_and_grade(trainer, out_dir, show)
+        if rollouts_only:
+            return None
         scored = score_rollouts(trainer, rollouts, planted, show)
         scored["fingerprint"] = fingerprint
         buffer = io.BytesIO()

@@ -36,6 +36,16 @@ def test_bootstrap_resamples_whole_problems():
     assert np.isnan(lo) and np.isnan(hi)
 
 
+def test_spearman_by_hand():
+    from sgsd.probe import spearman
+
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ranks x: 1, 2, 3; y: 1, 3, 2 -> d^2 = 0 + 1 + 1 = 2 -> 1 - 6 * 2 / (3 * 8) = 0.5
+    assert spearman([1, 2, 3], [5, 9, 7]) == pytest.approx(0.5)
+    assert np.isnan(spearman([1, 1, 1], [1, 2, 3]))
+
+
 def test_polarity_mix_by_hand():
     mix = polarity_mix([0.3, -0.2, 0.1, -0.1, 0.0, 0.04], [True, False, False, True, False, True], 0.05)
     assert mix == {
@@ -86,6 +96,9 @@ def test_analyse_by_hand():
     assert paper["misleading_fraction"] == 1 / 8 and paper["neutral_fraction"] == 1 / 8
     assert paper["over_suppressive_fraction"] == 0.0
     assert paper["mean_abs_gap"] == 1.75 / 8
+    # support ranks over the decisions 7, 4.5, 1, 3, 6, 8, 4.5, 2; length ranks 1.5, 1.5, 5.5, 5.5, 3.5,
+    # 3.5, 7.5, 7.5; centred products sum to -25, squares to 41.5 and 40 -> r = -25 / sqrt(1660)
+    assert paper["spearman_length"] == pytest.approx(-25 / 1660**0.5)
     # expected: every gap minus b = 0.125 -> supports shift by -0.125, ranks unchanged
     expected = r["estimators"]["expected"]
     assert expected["mean_correct"] == 0.1875 and expected["auc"] == 15.5 / 16
@@ -190,7 +203,7 @@ def test_probe_command_on_the_tiny_model(tmp_path, tiny_model_dir, monkeypatch, 
     # a second run reuses the rollouts and the scores
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "reusing 8 rollouts" in printed and "reusing scores" in printed
+    assert "reusing scores" in printed  # no model is loaded for a re-analysis
     assert json.loads((out / "probe.json").read_text()) == result
 
 
