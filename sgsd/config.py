@@ -265,6 +265,8 @@ class ProbeConfig:
     rollouts: int = 4
     # JSON file of planted skill-mistake pairs (name, role helpful|misleading|null, skill, mistake)
     planted: str | None = None
+    # problems sampled, scored and saved per round (an interrupted probe keeps its finished rounds)
+    chunk_problems: int = 8
     # rollouts scored per forward group (memory knob; teacher rows still go teachers.chunk_rows at a time)
     micro_batch: int = 4
     # bootstrap resamples of problems for the AUC confidence intervals
@@ -352,6 +354,7 @@ RANGES: dict[tuple[str, str], tuple[Any, str]] = {
     ("probe", "problems"): _AT_LEAST_ONE,
     ("probe", "rollouts"): _AT_LEAST_ONE,
     ("probe", "micro_batch"): _AT_LEAST_ONE,
+    ("probe", "chunk_problems"): _AT_LEAST_ONE,
     ("probe", "bootstrap"): _AT_LEAST_ONE,
 }
 

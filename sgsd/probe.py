@@ -16,9 +16,10 @@ log-prob, which need no teacher. A planted pair (role helpful / misleading / nul
 figures and a verdict: its support should be higher on correct (helpful) or on wrong (misleading)
 rollouts, or neither (null).
 
-Stages and their files in the output folder (each written atomically; a stage whose file exists
-with the same settings is not run again): `rollouts.jsonl` (sampling and grading), `scores.pt`
-(per-token gaps, baselines, masks), then `probe.json`, `probe.md` and `probe.png`.
+Problems go in rounds of `probe.chunk_problems`: sample, grade, score, save `rounds/round-NNN.pt`
+(per-token gaps, expected gaps, masks, the rollouts), so an interrupted probe resumes and a slow one
+can be analysed on the rounds it has finished (`sgsd probe --analyse-only`, no model loaded). The
+output folder gets `probe.json`, `probe.md`, `probe.png` and `rollouts.jsonl` (every file atomic).
 `analyse` is pure (tensors in, a dict out); `run_probe` is a thin driver over `sgsd.trainer.Trainer`.
 """
 
@@ -463,8 +464,9 @@ def plot_data(result: dict, scored: dict, clip, eps) -> dict:
     columns = scored["columns"]
     retrieved = torch.tensor([c == "retrieved" for c in columns], dtype=torch.bool)
     tmask = scored["teacher_mask"].bool()
+    null_delta = scored["delta"][:, columns.index("null")]  # [R, T]
     supports = estimator_supports(
-        scored["delta"], scored["baseline"], scored["null_delta"], scored["mask"], tmask, retrieved, clip, eps
+        scored["delta"], scored["baseline"], null_delta, scored["mask"], tmask, retrieved, clip, eps
     )
     decisions = tmask & retrieved.unsqueeze(0)
     rows = torch.arange(tmask.shape[0]).unsqueeze(1).expand_as(tmask)[decisions].numpy()
@@ -481,26 +483,37 @@ def plot_data(result: dict, scored: dict, clip, eps) -> dict:
 # The driver (over the trainer's own code paths)
 
 
-def _fingerprint(cfg, extra: dict) -> str:
-    r, m = cfg.rollout, cfg.model
+def _fingerprint(cfg, planted: list[PlantedPair], round_index: int) -> str:
+    """What a saved round depends on (not probe.problems: a longer probe reuses a shorter one's rounds)."""
+    r, m, t = cfg.rollout, cfg.model, cfg.teachers
     keys = {
         "model": m.name,
+        "dtype": m.dtype,
         "source": cfg.data.train_source,
         "train_size": cfg.data.train_size,
         "seed": cfg.train.seed,
-        "problems": cfg.probe.problems,
+        "chunk_problems": cfg.probe.chunk_problems,
         "rollouts": cfg.probe.rollouts,
+        "round": round_index,
         "sampler": [r.temperature, r.top_k, r.top_p, r.max_new_tokens, r.enable_thinking],
-        **extra,
+        "teachers": [
+            t.count,
+            t.mode,
+            t.enable_thinking,
+            t.include_answer,
+            cfg.skills.bank,
+            cfg.skills.retrieval,
+        ],
+        "token_mask": cfg.objective.token_mask,
+        "planted": [[p.name, p.role, p.skill, p.mistake] for p in planted],
     }
-    return json.dumps(keys, sort_keys=True)
+    return json.dumps(keys, sort_keys=True, default=repr)
 
 
 def _rollout_row(r, index: int) -> dict:
     return {
         "problem_index": index,
         "problem_id": r.problem.id,
-        "group": r.group,
         "prompt_ids": r.prompt_ids,
         "completion_ids": r.completion_ids,
         "completion_text": r.completion_text,
@@ -509,58 +522,39 @@ def _rollout_row(r, index: int) -> dict:
     }
 
 
-def sample_and_grade(trainer, out_dir: Path, show=print) -> list:
-    """Rollouts of the probe's problems with the training sampler, graded; cached in rollouts.jsonl."""
-    from sgsd.fileio import atomic_write_jsonl, read_jsonl
-    from sgsd.trainer import Rollout
+def problem_order(cfg, n_train: int) -> list[int]:
+    """Training-set indices in the probe's order: a seeded shuffle, so the first N problems of a longer
+    probe are those of a shorter one."""
+    order = list(range(n_train))
+    random.Random(cfg.train.seed).shuffle(order)
+    return order
 
-    cfg = trainer.cfg
-    n = cfg.probe.problems
-    if n > len(trainer.train_problems):
-        raise DataError(f"probe.problems={n} but the training set has {len(trainer.train_problems)} problems")
-    indices = random.Random(cfg.train.seed).sample(range(len(trainer.train_problems)), n)
+
+def sample_and_grade(trainer, indices: list[int], round_index: int) -> list:
+    """`probe.rollouts` rollouts of each problem (training-set `indices`) with the training sampler
+    (`Trainer._rollouts`, seeded as step `round_index`), graded by `Trainer._verify`."""
     problems = [trainer.train_problems[i] for i in indices]
-    pairs = trainer._retrieve(problems)
-    fingerprint = _fingerprint(cfg, {})
-    cache = out_dir / "rollouts.jsonl"
-    if cache.exists():
-        rows = read_jsonl(cache)
-        if rows and rows[0].get("fingerprint") == fingerprint:
-            show(f"reusing {len(rows) - 1} rollouts from {cache}")
-            by_index = {i: (p, pp) for i, p, pp in zip(indices, problems, pairs)}
-            out = []
-            for row in rows[1:]:
-                p, pp = by_index[row["problem_index"]]
-                out.append(
-                    Rollout(p, "", row["prompt_ids"], row["completion_ids"], row["completion_text"],
-                            row["finish_reason"], row["reward"], row["group"], pp)
-                )  # fmt: skip
-            return out
-    show(f"sampling {cfg.probe.rollouts} rollouts for each of {n} problems ...")
-    rollouts = trainer._rollouts(problems, step=0)
+    rollouts = trainer._rollouts(problems, step=round_index)
     trainer._verify(rollouts)
-    rows = [{"fingerprint": fingerprint}] + [_rollout_row(r, indices[r.group]) for r in rollouts]
-    atomic_write_jsonl(cache, rows)
     return rollouts
 
 
 def score_rollouts(trainer, rollouts: list, planted: list[PlantedPair], show=print) -> dict:
-    """Per-token gaps of every rollout under its retrieved teachers, the planted pairs and the null
-    teacher, with the expected gaps; the trainer's prompts, alignment, teacher weights and token mask."""
+    """Per-token gaps of every rollout under the null teacher (column "null"), the planted pairs and its
+    retrieved teachers ("retrieved"), with the expected gaps b_t; built with the trainer's teacher texts,
+    alignment, teacher weights (`teacher.scoring`) and token mask, as `Trainer._distillation_loss` does."""
     from sgsd.prompts import teacher_prompt
     from sgsd.scoring import score_student, score_teachers_expected, teacher_prompt_ids
 
     cfg = trainer.cfg
     r_cfg, t_cfg, o = cfg.rollout, cfg.teachers, cfg.objective
     k_max = t_cfg.count
-    extra = [(p.skill, p.mistake) for p in planted] + [(NULL_SKILL, NULL_MISTAKE)]
-    columns = [p.name for p in planted] + ["retrieved"] * k_max  # null kept apart
-    n_extra = len(planted) + 1
+    extra = [(NULL_SKILL, NULL_MISTAKE)] + [(p.skill, p.mistake) for p in planted]
+    columns = ["null"] + [p.name for p in planted] + ["retrieved"] * k_max
     width = max(max(len(r.completion_ids) for r in rollouts), 1)
     rows = len(rollouts)
     delta = torch.zeros(rows, len(columns), width)  # [R, J, T]
     baseline = torch.zeros_like(delta)  # [R, J, T]
-    null_delta = torch.zeros(rows, width)  # [R, T]
     mask = torch.zeros(rows, width, dtype=torch.bool)  # [R, T]
     student = torch.zeros(rows, width)  # [R, T]
     teacher_mask = torch.zeros(rows, len(columns), dtype=torch.bool)  # [R, J]
@@ -598,46 +592,58 @@ def score_rollouts(trainer, rollouts: list, planted: list[PlantedPair], show=pri
                 chunk_rows=t_cfg.chunk_rows,
                 chunk_size=o.position_chunk,
                 teacher_context=trainer.teacher.scoring,
-            )  # fmt: skip  [b, J+1, T], [b, J+1], [b, J+1, T]
+            )  # fmt: skip  [b, J, T], [b, J], [b, J, T]
             s_logp, valid = score_student(
                 trainer.model, student_prompts, completion_ids, trainer.pad_id, chunk_size=o.position_chunk
             )  # [b, T]
         keep = trainer._token_mask(completion_ids, valid).cpu()  # [b, T]
-        gaps = (t_logp - s_logp.unsqueeze(1)).cpu()  # [b, J+1, T]
-        t = gaps.shape[-1]
+        t, j = t_logp.shape[-1], t_logp.shape[1]
         sl = slice(start, start + len(chunk))
-        null = n_extra - 1
-        order = list(range(null)) + list(range(n_extra, t_logp.shape[1]))  # columns without the null
-        delta[sl, : len(order), :t] = gaps[:, order]
-        baseline[sl, : len(order), :t] = base.cpu()[:, order]
-        teacher_mask[sl, : len(order)] = t_mask.cpu()[:, order]
-        null_delta[sl, :t] = gaps[:, null]
+        delta[sl, :j, :t] = (t_logp - s_logp.unsqueeze(1)).cpu() * t_mask.cpu()[..., None]
+        baseline[sl, :j, :t] = base.cpu()
+        teacher_mask[sl, :j] = t_mask.cpu()
         mask[sl, :t] = keep
         student[sl, :t] = s_logp.cpu()
-        show(f"scored {min(start + mb, rows)}/{rows} rollouts")
+        show(f"  scored {min(start + mb, rows)}/{rows} rollouts")
     return {
         "columns": columns,
         "delta": delta,
         "baseline": baseline,
-        "null_delta": null_delta,
         "mask": mask,
         "teacher_mask": teacher_mask,
         "student_logp": student,
         "correct": [r.reward > 0 for r in rollouts],
-        "problem": [r.group for r in rollouts],
         "length": [len(r.completion_ids) for r in rollouts],
         "truncated": [r.finish_reason == "length" for r in rollouts],
     }
 
 
+def merge_rounds(rounds: list[dict]) -> dict:
+    """Concatenate saved rounds along rollouts, padding the token axis (padding is masked out)."""
+    width = max(r["delta"].shape[-1] for r in rounds)
+
+    def pad(x):
+        return torch.nn.functional.pad(x, (0, width - x.shape[-1]))
+
+    out = {"columns": rounds[0]["columns"]}
+    for key in ("delta", "baseline", "mask", "student_logp"):
+        out[key] = torch.cat([pad(r[key]) for r in rounds])
+    out["teacher_mask"] = torch.cat([r["teacher_mask"] for r in rounds])
+    for key in ("correct", "length", "truncated", "problem"):
+        out[key] = [v for r in rounds for v in r[key]]
+    return out
+
+
 def analyse_scored(scored: dict, planted_roles: dict, cfg) -> dict:
+    """`analyse` over merged rounds: the "null" column is the null teacher, the others as named."""
     m = scored["mask"].float()
     mean_logp = (scored["student_logp"] * m).sum(-1) / m.sum(-1).clamp_min(1.0)  # [R]
+    null = scored["columns"].index("null")
     return analyse(
-        scored["delta"], scored["baseline"], scored["null_delta"], scored["mask"], scored["teacher_mask"],
+        scored["delta"], scored["baseline"], scored["delta"][:, null], scored["mask"], scored["teacher_mask"],
         scored["columns"], scored["correct"], scored["problem"], scored["length"], mean_logp.numpy(),
-        scored["truncated"], planted_roles=planted_roles, clip=cfg.objective.clip, eps=cfg.objective.eps,
-        threshold=cfg.objective.threshold, n_boot=cfg.probe.bootstrap, seed=cfg.train.seed,
+        scored["truncated"], planted_roles={"null": "null", **planted_roles}, clip=cfg.objective.clip,
+        eps=cfg.objective.eps, threshold=cfg.objective.threshold, n_boot=cfg.probe.bootstrap, seed=cfg.train.seed,
     )  # fmt: skip
 
 
@@ -653,42 +659,74 @@ def write_outputs(result: dict, scored: dict, cfg, out_dir: Path) -> str:
     return text
 
 
-def run_probe(cfg, out_dir: str | Path, rollouts_only: bool = False, show=print) -> dict | None:
-    """Sample, grade, score and analyse (see the module docstring); returns the result dict."""
-    from sgsd.fileio import atomic_write_bytes
-    from sgsd.trainer import Trainer
+def run_probe(cfg, out_dir: str | Path, analyse_only: bool = False, show=print) -> dict:
+    """Sample, grade, score and analyse (see the module docstring); returns the result dict.
+
+    Problems go `probe.chunk_problems` per round; each round is saved (`rounds/round-NNN.pt`) before
+    the next starts, and saved rounds with the same settings are reused, so an interrupted probe
+    resumes and `analyse_only` (no model loaded) reports on the rounds finished so far."""
+    from sgsd.errors import UserError
+    from sgsd.fileio import atomic_write_bytes, atomic_write_jsonl
 
     out_dir = Path(out_dir)
     planted = load_planted(cfg.probe.planted) if cfg.probe.planted else []
+    if any(p.name in ("null", "retrieved") for p in planted):
+        raise DataError("planted pair names 'null' and 'retrieved' are reserved")
     cfg.train.method = "sgsd"  # teachers are built as SGSD builds them
     cfg.rollout.num_generations = cfg.probe.rollouts
     cfg.skills.online_update = False
     # the probe evaluates nothing: no held-out sets are loaded, so problems are drawn from the training
     # set without the contamination guard (which only matters for training)
     cfg.data.eval_sources = []
-    fingerprint = _fingerprint(cfg, {"planted": [p.name for p in planted], "teachers": cfg.teachers.count,
-                                     "token_mask": cfg.objective.token_mask, "mode": cfg.teachers.mode})  # fmt: skip
-    cache = out_dir / "scores.pt"
-    scored = None
-    if cache.exists() and not rollouts_only:
-        saved = torch.load(cache, weights_only=False)
-        if saved.get("fingerprint") == fingerprint:
-            show(f"reusing scores from {cache}")  # no model needed
-            scored = saved
-    if scored is None:
+    size = cfg.probe.chunk_problems
+    n_rounds = math.ceil(cfg.probe.problems / size)
+    rounds: dict[int, dict] = {}
+    for i in range(n_rounds):
+        path = out_dir / "rounds" / f"round-{i:03d}.pt"
+        if path.exists():
+            saved = torch.load(path, weights_only=False)
+            if saved.get("fingerprint") == _fingerprint(cfg, planted, i):
+                rounds[i] = saved
+    if rounds:
+        show(f"reusing {len(rounds)} scored round(s) from {out_dir / 'rounds'}")
+    missing = [i for i in range(n_rounds) if i not in rounds]
+    if missing and not analyse_only:
+        from sgsd.trainer import Trainer
+
         trainer = Trainer(cfg, out_dir)
-        rollouts = sample_and_grade(trainer, out_dir, show)
-        if rollouts_only:
-            return None
-        scored = score_rollouts(trainer, rollouts, planted, show)
-        scored["fingerprint"] = fingerprint
-        buffer = io.BytesIO()
-        torch.save(scored, buffer)
-        atomic_write_bytes(cache, buffer.getvalue())
+        order = problem_order(cfg, len(trainer.train_problems))
+        if cfg.probe.problems > len(order):
+            raise DataError(
+                f"probe.problems={cfg.probe.problems} but the training set has {len(order)} problems"
+            )
+        for i in missing:
+            indices = order[i * size : min((i + 1) * size, cfg.probe.problems)]
+            show(
+                f"round {i + 1}/{n_rounds}: sampling {cfg.probe.rollouts} rollouts for each of {len(indices)} problems"
+            )
+            rollouts = sample_and_grade(trainer, indices, i)
+            scored = score_rollouts(trainer, rollouts, planted, show)
+            scored["problem"] = [indices[r.group] for r in rollouts]
+            scored["rollouts"] = [_rollout_row(r, indices[r.group]) for r in rollouts]
+            scored["fingerprint"] = _fingerprint(cfg, planted, i)
+            buffer = io.BytesIO()
+            torch.save(scored, buffer)
+            atomic_write_bytes(out_dir / "rounds" / f"round-{i:03d}.pt", buffer.getvalue())
+            rounds[i] = scored
+            done = [r for k in sorted(rounds) for r in rounds[k]["correct"]]
+            show(f"round {i + 1} saved: {len(done)} rollouts so far, accuracy {np.mean(done):.1%}")
+    if not rounds:
+        raise UserError(
+            f"no scored rounds in {out_dir / 'rounds'} for these settings; run without --analyse-only"
+        )
+    kept = [rounds[k] for k in sorted(rounds)]
+    atomic_write_jsonl(out_dir / "rollouts.jsonl", [row for r in kept for row in r["rollouts"]])
+    scored = merge_rounds(kept)
     result = analyse_scored(scored, {p.name: p.role for p in planted}, cfg)
+    result["rounds"] = f"{len(kept)} of {n_rounds}"
     text = write_outputs(result, scored, cfg, out_dir)
     show(text)
-    show(f"written: {out_dir / 'probe.json'}, probe.md, probe.png")
+    show(f"written: {out_dir / 'probe.json'}, probe.md, probe.png, rollouts.jsonl")
     return result
 
 

@@ -186,12 +186,21 @@ def test_probe_command_on_the_tiny_model(tmp_path, tiny_model_dir, monkeypatch, 
     planted.write_text(json.dumps([_pair("good"), _pair("bad", "misleading")]))
     out = tmp_path / "probe"
     args = ["probe", "-c", "tiny", "-o", str(out), f"model.name={tiny_model_dir}", "probe.problems=4",
-            "probe.rollouts=2", f"probe.planted={planted}", "probe.bootstrap=50", "probe.micro_batch=3"]  # fmt: skip
+            "probe.rollouts=2", f"probe.planted={planted}", "probe.bootstrap=50", "probe.micro_batch=3",
+            "probe.chunk_problems=3"]  # fmt: skip
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "| paper |" in printed and "| teacher_centred |" in printed and "−length" in printed
-    for name in ("probe.json", "probe.md", "probe.png", "rollouts.jsonl", "scores.pt"):
+    for name in (
+        "probe.json",
+        "probe.md",
+        "probe.png",
+        "rollouts.jsonl",
+        "rounds/round-000.pt",
+        "rounds/round-001.pt",
+    ):
         assert (out / name).is_file(), name
+    assert "round 2/2: sampling 2 rollouts for each of 1 problems" in printed
     result = json.loads((out / "probe.json").read_text())
     assert result["rollouts"] == 8 and result["problems"] == 4 and result["decisions"] == 16
     assert result["accuracy"] == 0.5
@@ -199,19 +208,26 @@ def test_probe_command_on_the_tiny_model(tmp_path, tiny_model_dir, monkeypatch, 
         row = result["estimators"][name]
         assert row["available"] and 0.0 <= row["auc"] <= 1.0, name
         assert sum(row[k] for k in row if k.endswith("_fraction")) == pytest.approx(1.0)
-    assert set(result["planted"]) == {"good", "bad"}
-    # a second run reuses the rollouts and the scores
+    assert set(result["planted"]) == {"null", "good", "bad"}
+    assert result["planted"]["null"]["null_relative"]["mean_correct"] == 0.0  # the null against itself
+    assert result["rounds"] == "2 of 2"
+    # a second run reuses both rounds and loads no model; --analyse-only reports on what is there
     assert main(args) == 0
-    printed = capsys.readouterr().out
-    assert "reusing scores" in printed  # no model is loaded for a re-analysis
+    assert "reusing 2 scored round(s)" in capsys.readouterr().out
     assert json.loads((out / "probe.json").read_text()) == result
+    (out / "rounds" / "round-001.pt").unlink()
+    assert main([*args, "--analyse-only"]) == 0
+    partial = json.loads((out / "probe.json").read_text())
+    assert partial["rounds"] == "1 of 2" and partial["rollouts"] == 6
+    assert main([*args[:4], str(tmp_path / "empty"), *args[5:], "--analyse-only"]) == 2
+    assert "no scored rounds" in capsys.readouterr().err
 
 
 @pytest.mark.slow
 def test_probe_scores_retrieved_teachers_exactly_as_training_does(tmp_path, tiny_model_dir, monkeypatch):
     from sgsd.config import load_config
     from sgsd.configs import resolve_config_path
-    from sgsd.probe import sample_and_grade, score_rollouts
+    from sgsd.probe import problem_order, sample_and_grade, score_rollouts
     from sgsd.scoring import score_student, score_teachers, teacher_prompt_ids
     from sgsd.trainer import Trainer
 
@@ -225,9 +241,9 @@ def test_probe_scores_retrieved_teachers_exactly_as_training_does(tmp_path, tiny
     cfg = load_config(resolve_config_path("tiny"), overrides)
     cfg.rollout.num_generations = 2
     trainer = Trainer(cfg, tmp_path / "run")
-    rollouts = sample_and_grade(trainer, tmp_path, show=lambda *_: None)
+    rollouts = sample_and_grade(trainer, problem_order(cfg, len(trainer.train_problems))[:2], 0)
     scored = score_rollouts(trainer, rollouts, [], show=lambda *_: None)
-    assert scored["columns"] == ["retrieved", "retrieved"]
+    assert scored["columns"] == ["null", "retrieved", "retrieved"]
     # the trainer's own way (Trainer._distillation_loss): its teacher texts, alignment and token mask
     completion_ids = trainer._completion_ids(rollouts)
     texts = [trainer._teacher_texts(r)[0] for r in rollouts]
@@ -241,7 +257,8 @@ def test_probe_scores_retrieved_teachers_exactly_as_training_does(tmp_path, tiny
     mask = trainer._token_mask(completion_ids, valid)
     width = t_logp.shape[-1]
     torch.testing.assert_close(
-        scored["delta"][:, :, :width], (t_logp - s_logp.unsqueeze(1)) * t_mask[..., None]
+        scored["delta"][:, 1:, :width], (t_logp - s_logp.unsqueeze(1)) * t_mask[..., None]
     )
     assert scored["mask"][:, :width].tolist() == mask.tolist()
-    assert scored["teacher_mask"].tolist() == t_mask.tolist()
+    assert scored["teacher_mask"][:, 1:].tolist() == t_mask.tolist()
+    assert scored["teacher_mask"][:, 0].all()  # the null teacher scores every rollout

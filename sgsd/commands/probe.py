@@ -18,7 +18,9 @@ def add_arguments(parser):
         "--output-dir", "-o", help="output folder (default: probe.output_dir or runs/probe-TIME)"
     )
     parser.add_argument(
-        "--rollouts-only", action="store_true", help="stop after sampling and grading (rollouts.jsonl)"
+        "--analyse-only",
+        action="store_true",
+        help="report on the rounds already saved in the output folder (loads no model)",
     )
     parser.add_argument(
         "overrides", nargs="*", help="dotted overrides, e.g. probe.problems=32 rollout.max_new_tokens=384"
@@ -41,5 +43,5 @@ def run(args) -> int:
     print(f"probe folder: {out}")
     from sgsd.probe import run_probe
 
-    run_probe(cfg, out, rollouts_only=args.rollouts_only)
+    run_probe(cfg, out, analyse_only=args.analyse_only)
     return 0
