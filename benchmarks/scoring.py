@@ -329,6 +329,9 @@ def main() -> None:
     parser.add_argument("--expected", action="store_true",
                         help="only the expected-baseline cost: ours against ours-expected and teachers against "
                         "teachers-expected at the --full-t shapes (no reference)")  # fmt: skip
+    parser.add_argument("--expected-variants", nargs="+",
+                        default=["teachers", "teachers-expected", "ours", "ours-expected"],
+                        help="with --expected: the variants run, in this order")  # fmt: skip
     parser.add_argument("--with-before", action="store_true",
                         help="also run ours without the two host-memory measures (ours-before)")  # fmt: skip
     # child-only
@@ -351,7 +354,7 @@ def main() -> None:
             if model != "qwen3toy":
                 resolve_model_path(EMBEDDED[model], cli.cache)
             for t in cli.full_t:
-                for variant in ("teachers", "teachers-expected", "ours", "ours-expected"):
+                for variant in cli.expected_variants:
                     run_child(model, variant, {**base, "t": t}, cli)
         return
     for model in cli.models:

@@ -300,24 +300,26 @@ def sampler_distribution(
 
     `logits` `[n, V]` (upcast to fp32, as `generate` does). Returns `(ids [n, m], q [n, m])`: for each
     row the m candidate ids and their probabilities, 0 where a candidate is cut (m = V when neither
-    top-k nor a greedy choice bounds the set, else about k).
+    top-k nor a greedy choice bounds the set, else about k). With top-k only `[n, m]` tensors and one
+    `[n, V]` fp32 copy are made.
     """
     if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
         raise ConfigError(f"bad sampler: temperature {temperature}, top_k {top_k}, top_p {top_p}")
-    logits = logits.float()  # [n, V]
     vocab = logits.shape[-1]
     if temperature == 0:
         ids = logits.argmax(-1, keepdim=True)  # [n, 1]
         return ids, torch.ones(ids.shape, dtype=torch.float32, device=logits.device)
-    scaled = logits / temperature  # [n, V]
+    logits = logits.float()  # [n, V]
     if top_k and top_k < vocab:
-        kth = scaled.topk(top_k, dim=-1).values[:, -1:]  # [n, 1]
-        kept = scaled >= kth  # [n, V]  ties with the k-th value stay, as in transformers
-        width = int(kept.sum(-1).max())
-        values, ids = scaled.topk(width, dim=-1)  # [n, m] descending
-        values = values.masked_fill(values < kth, float("-inf"))  # rows with fewer ties
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # [n, 1]  (dividing by T > 0 keeps the order)
+        width = int((logits >= kth).sum(-1).max())  # ties with the k-th value stay, as in transformers
+        values, ids = logits.topk(width, dim=-1)  # [n, m] descending
+        values = values.masked_fill(values < kth, float("-inf")) / temperature  # [n, m]
+    elif top_p < 1.0:
+        values, ids = (logits / temperature).sort(dim=-1, descending=True)  # [n, V]
     else:
-        values, ids = scaled.sort(dim=-1, descending=True)  # [n, V]
+        ids = torch.arange(vocab, device=logits.device).expand(logits.shape[0], vocab)  # [n, V]
+        return ids, torch.softmax(logits / temperature, dim=-1)
     if top_p < 1.0:
         ascending = values.flip(-1)  # [n, m]
         mass = ascending.softmax(-1).cumsum(-1)  # [n, m]
@@ -325,6 +327,27 @@ def sampler_distribution(
         cut[:, -1] = False  # the most likely token always stays
         values = values.masked_fill(cut.flip(-1), float("-inf"))  # [n, m]
     return ids, values.softmax(-1)  # [n, m], [n, m]
+
+
+def _gap_terms(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    tokens: torch.Tensor | None,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(teacher log p(token) `[n]` or None, expected gap b `[n]`) for logits `[n, V]`, with log-probs
+    taken as logit - logsumexp so that no `[n, V]` log-softmax is kept."""
+    ids, q = sampler_distribution(student_logits, temperature, top_k, top_p)  # [n, m] each
+    s = student_logits.float()  # [n, V]
+    s_gap = s.gather(-1, ids) - torch.logsumexp(s, dim=-1, keepdim=True)  # [n, m]  log p_S
+    del s
+    t = teacher_logits.float()  # [n, V]
+    lse_t = torch.logsumexp(t, dim=-1, keepdim=True)  # [n, 1]
+    gap = t.gather(-1, ids) - lse_t - s_gap  # [n, m]  log p_T - log p_S
+    token_logp = None if tokens is None else (t.gather(-1, tokens[:, None]) - lse_t).squeeze(1)  # [n]
+    return token_logp, torch.where(q > 0, q * gap, 0.0).sum(-1)  # [n], [n]
 
 
 def expected_gap(
@@ -340,11 +363,7 @@ def expected_gap(
     the plain softmaxes the gaps Delta_t are computed with, so b is the expectation of Delta_t over the
     token the sampler draws. Temperature 1 without truncation gives b = -KL(p_S || p_T).
     """
-    logp_s = torch.log_softmax(student_logits.float(), dim=-1)  # [n, V]
-    logp_t = torch.log_softmax(teacher_logits.float(), dim=-1)  # [n, V]
-    ids, q = sampler_distribution(student_logits, temperature, top_k, top_p)  # [n, m] each
-    gap = logp_t.gather(-1, ids) - logp_s.gather(-1, ids)  # [n, m]
-    return torch.where(q > 0, q * gap, 0.0).sum(-1)  # [n]
+    return _gap_terms(student_logits, teacher_logits, None, temperature, top_k, top_p)[1]
 
 
 def _sampled_and_expected(parts, teacher_hidden, student_hidden, tokens, sampler, teacher_context):
@@ -352,8 +371,7 @@ def _sampled_and_expected(parts, teacher_hidden, student_hidden, tokens, sampler
     with teacher_context() if teacher_context else contextlib.nullcontext():
         teacher_logits = parts.logits(teacher_hidden)  # [n, V]
     student_logits = parts.logits(student_hidden)  # [n, V]
-    logp = torch.log_softmax(teacher_logits, dim=-1, dtype=torch.float32).gather(1, tokens[:, None])  # [n, 1]
-    return logp.squeeze(1), expected_gap(student_logits, teacher_logits, *sampler)
+    return _gap_terms(student_logits, teacher_logits, tokens, *sampler)
 
 
 @torch.no_grad()
