@@ -18,6 +18,8 @@ RSS (ru_maxrss) and RSS after loading; a child that runs out of memory is report
 
     HF_HUB_OFFLINE=1 python benchmarks/scoring.py --models smollm2 qwen05b qwen3toy   # all measurements
     HF_HUB_OFFLINE=1 python benchmarks/scoring.py --compare --models smollm2 qwen3toy # fp32 equality
+    HF_HUB_OFFLINE=1 python benchmarks/scoring.py --expected --models qwen05b --full-t 256 --k 4
+        # the extra cost of the `expected` support estimator (score_teachers_expected)
 
 Embedded models are the folders `sgsd.models` converts from the GGUF packages (once, into `--cache`,
 default ~/.cache/sgsd).
@@ -95,13 +97,15 @@ def make_inputs(vocab: int, b: int, k: int, p: int, s: int, t: int, seed: int = 
     return prompts, teachers, completions, mask, reward, retrieval
 
 
-def _loss(student_logp, teacher_logp, mask, reward, retrieval):
+def _loss(student_logp, teacher_logp, mask, reward, retrieval, baseline=None):
     import torch
 
     from sgsd.objectives import sgsd_loss
 
     teacher_mask = torch.ones(retrieval.shape, dtype=torch.bool, device=retrieval.device)
-    loss, _ = sgsd_loss(student_logp, teacher_logp, mask, reward, retrieval, teacher_mask)
+    estimator = "paper" if baseline is None else "expected"
+    loss, _ = sgsd_loss(student_logp, teacher_logp, mask, reward, retrieval, teacher_mask,
+                        support_baseline=baseline, support_estimator=estimator)  # fmt: skip
     return loss
 
 
@@ -153,6 +157,28 @@ def ours_step(
     return loss
 
 
+# the training sampler of the paper configs (temperature, top-k, top-p) for the expected baseline
+SAMPLER = dict(temperature=1.1, top_k=20, top_p=0.95)
+
+
+def ours_expected_step(model, inputs, pad_id: int, chunk_rows: int = 4, chunk_size: int = 128):
+    """`ours_step` with the `expected` support estimator: the teachers are scored by
+    `score_teachers_expected` (one extra no-grad student forward, both heads over the full vocabulary
+    per position chunk, the sampler's top-k/top-p) and the baseline enters `sgsd_loss`."""
+    from sgsd.scoring import score_student, score_teachers_expected
+
+    prompts, teachers, completions, mask, reward, retrieval = inputs
+    teacher, _, baseline = score_teachers_expected(
+        model, prompts, teachers, completions, pad_id, chunk_rows=chunk_rows, chunk_size=chunk_size, **SAMPLER
+    )
+    release_freed_memory()
+    student, _ = score_student(model, prompts, completions, pad_id, chunk_size=chunk_size)
+    loss = _loss(student, teacher, mask, reward, retrieval, baseline=baseline)
+    loss.backward()
+    release_freed_memory()
+    return loss
+
+
 def ours_before_step(model, inputs, pad_id: int):
     """Ours as it was before sgsd.hostmem and adapters_in_base_precision: no trims, peft's fp32
     adapter casts (the ablation of those two memory measures, same process layout). Each variant runs
@@ -180,12 +206,21 @@ def teacher_piece(model, inputs, pad_id: int):
     score_teachers(model, teachers, completions, pad_id)
 
 
+def teacher_expected_piece(model, inputs, pad_id: int):
+    from sgsd.scoring import score_teachers_expected
+
+    prompts, teachers, completions, *_ = inputs
+    score_teachers_expected(model, prompts, teachers, completions, pad_id, **SAMPLER)
+
+
 STEPS = {
     "reference": reference_step,
     "ours": ours_step,
     "ours-before": ours_before_step,
+    "ours-expected": ours_expected_step,
     "student": student_piece,
     "teachers": teacher_piece,
+    "teachers-expected": teacher_expected_piece,
 }
 
 
@@ -291,6 +326,12 @@ def main() -> None:
                         help="completion lengths tried for the reference, largest first")  # fmt: skip
     parser.add_argument("--full-t", type=int, nargs="+", default=[512, 1024], help="shapes for ours")
     parser.add_argument("--skip-pieces", action="store_true")
+    parser.add_argument("--expected", action="store_true",
+                        help="only the expected-baseline cost: ours against ours-expected and teachers against "
+                        "teachers-expected at the --full-t shapes (no reference)")  # fmt: skip
+    parser.add_argument("--expected-variants", nargs="+",
+                        default=["teachers", "teachers-expected", "ours", "ours-expected"],
+                        help="with --expected: the variants run, in this order")  # fmt: skip
     parser.add_argument("--with-before", action="store_true",
                         help="also run ours without the two host-memory measures (ours-before)")  # fmt: skip
     # child-only
@@ -308,6 +349,14 @@ def main() -> None:
             compare(model, cli)
         return
     base = {"b": cli.b, "k": cli.k, "p": cli.p, "s": cli.s}
+    if cli.expected:
+        for model in cli.models:
+            if model != "qwen3toy":
+                resolve_model_path(EMBEDDED[model], cli.cache)
+            for t in cli.full_t:
+                for variant in cli.expected_variants:
+                    run_child(model, variant, {**base, "t": t}, cli)
+        return
     for model in cli.models:
         if model != "qwen3toy":  # convert before timing anything
             resolve_model_path(EMBEDDED[model], cli.cache)

@@ -213,6 +213,9 @@ class ObjectiveConfig:
     # what the gate of the top-K variant reads (paper Sec. 4.5: "apply the gated signal" on the local
     # support): sampled_gap = the local sampled-token gap; local_kl = the local forward KL (official)
     topk_gate: Literal["sampled_gap", "local_kl"] = "sampled_gap"
+    # robust support a~: paper (Eq. 12), expected (gaps minus their expectation under the sampler),
+    # null_relative (minus a content-free teacher's support), teacher_centred (minus the teachers' mean)
+    support_estimator: Literal["paper", "expected", "null_relative", "teacher_centred"] = "paper"
     # beta of the generalized JSD (0 = forward KL, 1 = reverse KL)
     jsd_beta: float = 0.5
     # completion positions per chunk when computing log-probs and divergences
@@ -314,6 +317,24 @@ class EvalConfig:
 
 
 @dataclass
+class ProbeConfig:
+    # `sgsd probe`: training problems probed (the first N of a seeded shuffle of the training set)
+    problems: int = 32
+    # rollouts sampled per problem with the training sampler (rollout.*)
+    rollouts: int = 4
+    # JSON file of planted skill-mistake pairs (name, role helpful|misleading|null, skill, mistake)
+    planted: str | None = None
+    # problems sampled, scored and saved per round (an interrupted probe keeps its finished rounds)
+    chunk_problems: int = 8
+    # rollouts scored per forward group (memory knob; teacher rows still go teachers.chunk_rows at a time)
+    micro_batch: int = 4
+    # bootstrap resamples of problems for the AUC confidence intervals
+    bootstrap: int = 1000
+    # output folder (None = runs/probe-<time>)
+    output_dir: str | None = None
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -324,6 +345,7 @@ class Config:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
 
 
 # ---------------------------------------------------------------------------
@@ -395,6 +417,11 @@ RANGES: dict[tuple[str, str], tuple[Any, str]] = {
     ("eval", "top_k"): _NON_NEGATIVE,
     ("eval", "max_new_tokens"): _AT_LEAST_ONE,
     ("eval", "batch_size"): _AT_LEAST_ONE,
+    ("probe", "problems"): _AT_LEAST_ONE,
+    ("probe", "rollouts"): _AT_LEAST_ONE,
+    ("probe", "micro_batch"): _AT_LEAST_ONE,
+    ("probe", "chunk_problems"): _AT_LEAST_ONE,
+    ("probe", "bootstrap"): _AT_LEAST_ONE,
 }
 
 
@@ -518,6 +545,10 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(
             "objective.grpo_iterations > 1 needs a GRPO method (train.method=grpo or grpo_skill)"
         )
+    if cfg.objective.support_estimator == "teacher_centred" and cfg.teachers.count < 2:
+        raise ConfigError("objective.support_estimator=teacher_centred needs teachers.count >= 2")
+    if cfg.objective.support_estimator == "expected" and cfg.objective.support != "full":
+        raise ConfigError("objective.support_estimator=expected needs objective.support=full")
     if cfg.skills.extractor == "openai" and not cfg.skills.extractor_base_url:
         raise ConfigError("skills.extractor=openai needs skills.extractor_base_url")
     if cfg.train.method == "sgsd" and cfg.teachers.count > retrieval_top_k(cfg):

@@ -117,6 +117,84 @@ def robust_support(delta: torch.Tensor, mask: torch.Tensor, clip: float | None, 
     return _masked_token_mean(delta, _token_weights(mask, delta), eps)  # [B, K]  Eq. 12
 
 
+SUPPORT_ESTIMATORS = ("paper", "expected", "null_relative", "teacher_centred")
+
+
+def estimate_support(
+    delta: torch.Tensor,
+    mask: torch.Tensor,
+    teacher_mask: torch.Tensor,
+    estimator: str = "paper",
+    clip: float | None = 3.0,
+    eps: float = 1e-8,
+    baseline: torch.Tensor | None = None,
+    null_delta: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The robust support a~ [B, K] of each teacher under one of `SUPPORT_ESTIMATORS`.
+
+    `delta` [B, K, T] gaps Delta_t; `mask` [B, T] (or [B, K, T]) token mask; `teacher_mask` [B, K].
+
+    * paper:            a~_k = sum_t m_t clip(Delta_t) / (sum_t m_t + eps)                    (Eq. 12)
+    * expected:         a~_k = sum_t m_t clip(Delta_t - b_t) / (sum_t m_t + eps), with `baseline` b
+                        [B, K, T] or [B, 1, T] the gap's expectation under the rollout sampler
+                        (`sgsd.scoring.score_teachers_expected`); centred before the clip.
+    * null_relative:    a~_k - a~_null, a~_null the Eq. 12 support of `null_delta` [B, T] (or
+                        [B, 1, T]), the gaps of a teacher with content-free guidance.
+    * teacher_centred:  a~_k - mean of a~_j over the problem's valid teachers (needs K >= 2; a problem
+                        with one valid teacher gets 0).
+    A `baseline` given with another estimator is subtracted the same way (before the clip) from the K
+    teachers' gaps; the null gaps are used as passed. Invalid teacher slots and masked positions may
+    hold anything (excluded exactly); invalid slots get support 0, as do rows without kept tokens.
+    """
+    if estimator not in SUPPORT_ESTIMATORS:
+        raise ValueError(
+            f"support estimator must be one of {', '.join(SUPPORT_ESTIMATORS)}, got {estimator!r}"
+        )
+    if delta.dim() != 3:
+        raise ValueError(f"delta must be [B, K, T], got shape {tuple(delta.shape)}")
+    B, K, T = delta.shape
+    token_w = _token_weights(mask, _as_float(delta))  # [B, 1|K, T]
+    valid = teacher_mask.bool()  # [B, K]
+    live = (token_w > 0) & valid.unsqueeze(-1)  # [B, K, T]
+    gaps = _as_float(delta.detach())  # [B, K, T]
+    if estimator == "expected" and baseline is None:
+        raise ValueError("support estimator 'expected' needs the per-token baseline b [B, K, T]")
+    if baseline is not None:
+        if (
+            baseline.dim() != 3
+            or baseline.shape[0] != B
+            or baseline.shape[1] not in (1, K)
+            or baseline.shape[2] != T
+        ):
+            raise ValueError(
+                f"baseline must be [B, K, T] or [B, 1, T] = {(B, K, T)}, got {tuple(baseline.shape)}"
+            )
+        gaps = gaps - _as_float(baseline.detach())  # [B, K, T]
+    gaps = torch.where(live, gaps, 0.0)  # [B, K, T]  padding never leaks NaN
+    support = robust_support(gaps, token_w, clip, eps)  # [B, K]
+    if estimator == "null_relative":
+        if null_delta is None:
+            raise ValueError(
+                "support estimator 'null_relative' needs the null teacher's gaps null_delta [B, T]"
+            )
+        null = _as_float(null_delta.detach())
+        null = null.unsqueeze(1) if null.dim() == 2 else null  # [B, 1, T]
+        if tuple(null.shape) != (B, 1, T):
+            raise ValueError(f"null_delta must be [B, T] = {(B, T)}, got {tuple(null_delta.shape)}")
+        null_w = token_w[:, :1] if token_w.shape[1] == 1 else token_w.amax(1, keepdim=True)  # [B, 1, T]
+        null = torch.where(null_w > 0, null, 0.0)  # [B, 1, T]
+        support = support - robust_support(null, null_w, clip, eps)  # [B, K]
+    elif estimator == "teacher_centred":
+        if K < 2:
+            raise ValueError(
+                "support estimator 'teacher_centred' needs K >= 2 teachers per problem, got K = 1"
+            )
+        w = valid.to(support.dtype)  # [B, K]
+        mean = (support * w).sum(-1, keepdim=True) / w.sum(-1, keepdim=True).clamp_min(1.0)  # [B, 1]
+        support = support - mean  # [B, K]
+    return torch.where(valid, support, 0.0)  # [B, K]
+
+
 def polarity(support: torch.Tensor, reward: torch.Tensor, threshold: float) -> torch.Tensor:
     """Eqs. 9, 13: rho = sgn_out(r) * sgn(a~) where |a~| > threshold, else 0 -> [B, K] in {-1, 0, +1}.
 
@@ -164,6 +242,9 @@ def sgsd_loss(
     weights: torch.Tensor | None = None,
     teacher_term: TeacherTerm = "gated",
     normalizer: float | None = None,
+    support_baseline: torch.Tensor | None = None,
+    support_estimator: str = "paper",
+    null_delta: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The SGSD objective (Eqs. 6, 7, 11-16): mean over problems of sum_k alpha_k rho_k l_k.
 
@@ -179,6 +260,13 @@ def sgsd_loss(
     pass log-probs renormalised on the local support (`topk_support_logprobs`) as `student_logp` and
     `teacher_logp`, so gate and polarity both see local gaps; `support_delta` lets a caller use local
     gaps for polarity while gating full-vocabulary gaps, or the reverse.
+
+    Support estimators (`estimate_support`): `support_baseline` [B, K, T] (or [B, 1, T]), when given,
+    is subtracted from the support gaps before the clip, a~_k = sum_t m_t clip(Delta_t - b_t) /
+    (sum_t m_t + eps) (the `expected` estimator; b from `sgsd.scoring.score_teachers_expected`);
+    `support_estimator` "null_relative" subtracts the support of `null_delta` [B, T] (a content-free
+    teacher's gaps), "teacher_centred" the mean support of the problem's valid teachers. Gate and loss
+    never see them; support, polarity and the Table 2 fractions do.
 
     Ablations (Table 4, Fig. 4): no token mask = pass an all-ones mask; no clipping = `clip=None`;
     no threshold = `threshold=0`; no polarity = `use_polarity=False` (rho = +1 for every valid teacher);
@@ -218,6 +306,14 @@ def sgsd_loss(
         raise ValueError(f"teacher_term must be one of {', '.join(TEACHER_TERMS)}, got {teacher_term!r}")
     if support_delta is not None:
         expected["support_delta"] = (support_delta, (B, K, T))
+    if support_estimator == "expected" and support_baseline is None:
+        raise ValueError("support estimator 'expected' needs support_baseline [B, K, T]")
+    if support_baseline is not None and support_baseline.dim() == 3 and support_baseline.shape[1] == 1:
+        expected["support_baseline"] = (support_baseline, (B, 1, T))
+    elif support_baseline is not None:
+        expected["support_baseline"] = (support_baseline, (B, K, T))
+    if null_delta is not None:
+        expected["null_delta"] = (null_delta, (B, T))
     for name, (tensor, shape) in expected.items():
         if tuple(tensor.shape) != shape:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(tensor.shape)}")
@@ -234,8 +330,14 @@ def sgsd_loss(
     delta = torch.where(live, teacher - student, 0.0)  # [B, K, T]
     gaps_for_support = delta.detach() if support_delta is None else support_delta.detach()
     gaps_for_support = torch.where(live, _as_float(gaps_for_support), 0.0)  # [B, K, T]
+    if support_baseline is not None:  # centred before the clip (estimator `expected`)
+        baseline = torch.where(live, _as_float(support_baseline.detach()), 0.0)  # [B, K, T]
+        gaps_for_support = gaps_for_support - baseline  # [B, K, T]
 
-    support = robust_support(gaps_for_support, token_w, clip, eps)  # [B, K]  Eqs. 11-12
+    centring = "paper" if support_estimator == "expected" else support_estimator  # b is already out
+    support = estimate_support(  # [B, K]  Eqs. 11-12, or a centred estimator
+        gaps_for_support, token_w, valid_teacher, centring, clip, eps, null_delta=null_delta
+    )
     valid = valid_teacher.to(support.dtype)  # [B, K]
     if use_polarity:
         rho = polarity(support, reward, threshold) * valid  # [B, K]  Eq. 13
@@ -716,6 +818,8 @@ __all__ = [
     "divergence_objective",
     "objective_spec",
     "SGSD_TENSOR_METRICS",
+    "SUPPORT_ESTIMATORS",
+    "estimate_support",
     "aggregate",
     "divergence_loss",
     "forward_kl",

@@ -42,6 +42,7 @@ import functools
 import json
 import re
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 # ---------------------------------------------------------------------------------------------------
@@ -103,6 +104,42 @@ def teacher_prompt(
         parts.append(answer_hint(answer))
     parts.append(student_prompt(question))
     return "\n\n".join(p for p in parts if p)
+
+
+@dataclass(frozen=True)
+class PlainSkill:
+    """A skill with just the fields the teacher template reads (planted and null pairs)."""
+
+    title: str
+    principle: str
+    when_to_apply: str
+
+
+@dataclass(frozen=True)
+class PlainMistake:
+    """A mistake with just the fields the teacher template reads (planted and null pairs)."""
+
+    description: str
+    how_to_avoid: str
+
+
+# The null teacher's guidance: the same template and about the length of one starter-bank pair, but
+# content-free, so its gaps measure what a context change alone does to the model (support estimator
+# `null_relative`: a~_k - a~_null).
+NULL_SKILL = PlainSkill(
+    title="Solve the problem",
+    principle="Work through the problem and then state the answer.",
+    when_to_apply="Any problem.",
+)
+NULL_MISTAKE = PlainMistake(
+    description="Stating an answer without working through the problem.",
+    how_to_avoid="Work through the problem, then state the answer.",
+)
+
+
+def null_teacher_prompt(question: str, answer: str | None = None) -> str:
+    """The null teacher's user message: `teacher_prompt` with the content-free pair."""
+    return teacher_prompt(question, NULL_SKILL, NULL_MISTAKE, answer=answer)
 
 
 def _pair_parts(pair: Any) -> tuple[Any | None, Any | None]:

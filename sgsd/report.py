@@ -15,7 +15,8 @@ reads each run's `config.yaml`, `metrics.jsonl` and `eval/step-N/summary.json` a
   method (mean over seeds, band = ± std).
 - `polarity.png`: the stacked teacher-polarity mix (helpful / warning / misleading /
   over-suppressive / neutral) against step, one panel per method that logs it.
-- `signals.png`: mean robust support and mean reward against step, one line per run.
+- `signals.png`: mean robust support and mean reward against step, one line per run; the support on
+  correct and on wrong rollouts (`support_correct` / `support_wrong`) when the runs log it.
 
 Per-step training curves are smoothed with a trailing moving average (`smooth` steps, stated in
 the titles).
@@ -315,29 +316,42 @@ def plot_polarity(runs: Sequence[RunData], out_png: Path, smooth: int = 5) -> Pa
 
 
 def plot_signals(runs: Sequence[RunData], out_png: Path, smooth: int = 5) -> Path | None:
-    """Mean robust support and mean reward against step, one line per run."""
-    keys = [(k, t) for k, t in (("mean_support", "mean robust support"), ("reward_mean", "mean reward"))
-            if any(k in row for run in runs for row in run.metrics)]  # fmt: skip
-    if not keys:
+    """Mean robust support and mean reward against step, one line per run; and, where runs log it
+    (`sgsd.metrics.SupportByOutcome`), the support on correct (solid) and on wrong (dashed) rollouts."""
+    panels = [
+        (keys, title)
+        for keys, title in (
+            (("mean_support",), "mean robust support"),
+            (("reward_mean",), "mean reward"),
+            (("support_correct", "support_wrong"), "support by outcome (solid: correct, dashed: wrong)"),
+        )
+        if any(k in row for run in runs for row in run.metrics for k in keys)
+    ]
+    if not panels:
         return None
     plt = setup_matplotlib()
-    fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
     colours = {label: f"C{i}" for i, label in enumerate(_by_label(runs))}
     styles = ["-", "--", ":", "-."]
-    for ax, (key, title) in zip(axes.flat, keys, strict=True):
+    for ax, (keys, title) in zip(axes.flat, panels, strict=True):
         seen: dict[str, int] = {}
         for run in runs:
-            steps, values = _metric_series([run], key)
-            if not steps:
+            if not any(_metric_series([run], k)[0] for k in keys):
                 continue
             idx = seen[run.label] = seen.get(run.label, -1) + 1
-            ax.plot(steps, _smooth(values, smooth), color=colours[run.label],
-                    linestyle=styles[idx % len(styles)], label=run.name)  # fmt: skip
-        ax.set_title(f"{title} (moving average over {smooth} steps)")
+            for j, key in enumerate(keys):
+                steps, values = _metric_series([run], key)
+                if not steps:
+                    continue
+                style = styles[j] if len(keys) > 1 else styles[idx % len(styles)]
+                suffix = f" ({key.split('_')[-1]})" if len(keys) > 1 else ""
+                ax.plot(steps, _smooth(values, smooth), color=colours[run.label], linestyle=style,
+                        label=run.name + suffix)  # fmt: skip
+        ax.set_title(f"{title} (moving average over {smooth} steps)", fontsize=9)
         ax.set_xlabel("training step")
-        ax.set_ylabel(title)
+        ax.set_ylabel(title.split(" (")[0])
         ax.grid(alpha=0.3)
-        ax.legend(loc="best")
+        ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     fig.savefig(out_png)
     plt.close(fig)

@@ -53,6 +53,9 @@ from sgsd.prompts import render_chat
 __all__ = [
     "score_student",
     "score_teachers",
+    "score_teachers_expected",
+    "sampler_distribution",
+    "expected_gap",
     "score_topk_support",
     "score_divergence",
     "completion_token_mask",
@@ -289,6 +292,171 @@ def score_teachers(
         teachers = torch.tensor([k for _, k in pairs], device=device)
         logp[problems, teachers, : chunk_logp.shape[1]] = chunk_logp
     return logp, teacher_mask
+
+
+# ---------------------------------------------------------------------------------------------------
+# The expected gap under the rollout sampler (support estimator `expected`).
+
+
+def sampler_distribution(
+    logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sampler's distribution q over the tokens it can draw, as transformers' `generate` samples:
+    logits / temperature, then top-k (ties with the k-th value kept), then top-p (the smallest set of
+    most likely tokens whose mass reaches top_p; at least one token); temperature 0 is greedy.
+
+    `logits` `[n, V]` (upcast to fp32, as `generate` does). Returns `(ids [n, m], q [n, m])`: for each
+    row the m candidate ids and their probabilities, 0 where a candidate is cut (m = V when neither
+    top-k nor a greedy choice bounds the set, else about k). With top-k only `[n, m]` tensors and one
+    `[n, V]` fp32 copy are made.
+    """
+    if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
+        raise ConfigError(f"bad sampler: temperature {temperature}, top_k {top_k}, top_p {top_p}")
+    vocab = logits.shape[-1]
+    if temperature == 0:
+        ids = logits.argmax(-1, keepdim=True)  # [n, 1]
+        return ids, torch.ones(ids.shape, dtype=torch.float32, device=logits.device)
+    logits = logits.float()  # [n, V]
+    if top_k and top_k < vocab:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # [n, 1]  (dividing by T > 0 keeps the order)
+        width = int((logits >= kth).sum(-1).max())  # ties with the k-th value stay, as in transformers
+        values, ids = logits.topk(width, dim=-1)  # [n, m] descending
+        values = values.masked_fill(values < kth, float("-inf")) / temperature  # [n, m]
+    elif top_p < 1.0:
+        values, ids = (logits / temperature).sort(dim=-1, descending=True)  # [n, V]
+    else:
+        ids = torch.arange(vocab, device=logits.device).expand(logits.shape[0], vocab)  # [n, V]
+        return ids, torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        ascending = values.flip(-1)  # [n, m]
+        mass = ascending.softmax(-1).cumsum(-1)  # [n, m]
+        cut = mass <= 1.0 - top_p  # [n, m]
+        cut[:, -1] = False  # the most likely token always stays
+        values = values.masked_fill(cut.flip(-1), float("-inf"))  # [n, m]
+    return ids, values.softmax(-1)  # [n, m], [n, m]
+
+
+def _gap_terms(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    tokens: torch.Tensor | None,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(teacher log p(token) `[n]` or None, expected gap b `[n]`) for logits `[n, V]`, with log-probs
+    taken as logit - logsumexp so that no `[n, V]` log-softmax is kept."""
+    ids, q = sampler_distribution(student_logits, temperature, top_k, top_p)  # [n, m] each
+    s = student_logits.float()  # [n, V]
+    s_gap = s.gather(-1, ids) - torch.logsumexp(s, dim=-1, keepdim=True)  # [n, m]  log p_S
+    del s
+    t = teacher_logits.float()  # [n, V]
+    lse_t = torch.logsumexp(t, dim=-1, keepdim=True)  # [n, 1]
+    gap = t.gather(-1, ids) - lse_t - s_gap  # [n, m]  log p_T - log p_S
+    token_logp = None if tokens is None else (t.gather(-1, tokens[:, None]) - lse_t).squeeze(1)  # [n]
+    return token_logp, torch.where(q > 0, q * gap, 0.0).sum(-1)  # [n], [n]
+
+
+def expected_gap(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float,
+    top_k: int = 0,
+    top_p: float = 1.0,
+) -> torch.Tensor:
+    """b = sum_v q(v) (log p_T(v) - log p_S(v)) per position: logits `[n, V]` -> `[n]` fp32.
+
+    q is the sampler's distribution on the student's logits (`sampler_distribution`); p_S and p_T are
+    the plain softmaxes the gaps Delta_t are computed with, so b is the expectation of Delta_t over the
+    token the sampler draws. Temperature 1 without truncation gives b = -KL(p_S || p_T).
+    """
+    return _gap_terms(student_logits, teacher_logits, None, temperature, top_k, top_p)[1]
+
+
+def _sampled_and_expected(parts, teacher_hidden, student_hidden, tokens, sampler, teacher_context):
+    """Teacher log p(token) and the expected gap b for hidden states `[n, H]` -> `([n], [n])`."""
+    with teacher_context() if teacher_context else contextlib.nullcontext():
+        teacher_logits = parts.logits(teacher_hidden)  # [n, V]
+    student_logits = parts.logits(student_hidden)  # [n, V]
+    return _gap_terms(student_logits, teacher_logits, tokens, *sampler)
+
+
+@torch.no_grad()
+def score_teachers_expected(
+    model: torch.nn.Module,
+    student_prompt_ids: TokenIds,
+    teacher_prompt_ids: Sequence[TokenIds],
+    completion_ids: TokenIds,
+    pad_id: int,
+    temperature: float,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    chunk_rows: int = 4,
+    chunk_size: int = 128,
+    teacher_context: ContextFactory = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`score_teachers` plus the per-token expected gap of every teacher under the rollout sampler.
+
+    Besides each teacher's log-prob of the sampled token, returns `baseline [B, K, T]`: at every
+    completion position, b_t = sum_v q_t(v) (log p_T(v) - log p_S(v)) with q_t the sampler
+    (`temperature`, `top_k`, `top_p`, as the rollouts were drawn) applied to the student's logits, from
+    full-vocabulary distributions (`expected_gap`). The student runs once per problem (its prompt,
+    no grad, the weights `model` holds); teachers run inside `teacher_context` (if given), `chunk_rows`
+    rows per forward, and both heads are applied `chunk_size` positions per row at a time, so at most
+    a few `[chunk_rows * chunk_size, V]` fp32 tensors are alive. Returns `(teacher_logp [B, K, T],
+    teacher_mask [B, K], baseline [B, K, T])`, all 0 for missing teachers and padding.
+    """
+    _check_batch(
+        completion_ids,
+        chunk_size,
+        ("student_prompt_ids", student_prompt_ids),
+        ("teacher_prompt_ids", teacher_prompt_ids),
+    )
+    if chunk_rows < 1:
+        raise ConfigError(f"chunk_rows must be at least 1, got {chunk_rows}")
+    sampler = (temperature, top_k, top_p)
+    sampler_distribution(torch.zeros(1, 2), *sampler)  # a bad sampler fails before any forward
+    device = _device(model)
+    parts = _causal_lm_parts(model)
+    rows, width_k, width_t = _teacher_shape(teacher_prompt_ids, completion_ids)
+    logp = torch.zeros((rows, width_k, width_t), dtype=torch.float32, device=device)  # [B, K, T]
+    baseline = torch.zeros_like(logp)  # [B, K, T]
+    teacher_mask = _teacher_mask(teacher_prompt_ids, width_k, device)  # [B, K]
+    if width_t == 0 or width_k == 0:
+        return logp, teacher_mask, baseline
+    packed_s = _pack(student_prompt_ids, completion_ids, pad_id, device)
+    student_hidden = _completion_hidden(parts, packed_s)  # [N_s, H]  row-major over problems
+    lengths = [len(c) for c in completion_ids]
+    offsets = [sum(lengths[:b]) for b in range(rows)]
+    context = teacher_context if teacher_context else contextlib.nullcontext
+    order = _teacher_rows(teacher_prompt_ids)
+    for a, b in _chunks(len(order), chunk_rows):
+        pairs = order[a:b]
+        completions = [completion_ids[p] for p, _ in pairs]
+        if max(len(c) for c in completions) == 0:
+            continue
+        packed = _pack([teacher_prompt_ids[p][k] for p, k in pairs], completions, pad_id, device)
+        with context():
+            teacher_hidden = _completion_hidden(parts, packed)  # [N, H]
+        tokens = packed.targets[packed.valid]  # [N]
+        aligned = torch.cat(
+            [torch.arange(offsets[p], offsets[p] + lengths[p], device=device) for p, _ in pairs]
+        )  # [N]  the student's hidden state at each of these positions (same row-major order)
+        flat_logp, flat_b = [], []
+        for c0, c1 in _chunks(teacher_hidden.shape[0], chunk_size * len(pairs)):
+            lp, base = _sampled_and_expected(
+                parts, teacher_hidden[c0:c1], student_hidden[aligned[c0:c1]], tokens[c0:c1], sampler,
+                teacher_context,
+            )  # fmt: skip
+            flat_logp.append(lp)
+            flat_b.append(base)
+        problems = torch.tensor([p for p, _ in pairs], device=device)
+        teachers = torch.tensor([k for _, k in pairs], device=device)
+        for target, flat in ((logp, flat_logp), (baseline, flat_b)):
+            grid = torch.zeros(packed.valid.shape, dtype=torch.float32, device=device)  # [r, T_chunk]
+            grid[packed.valid] = torch.cat(flat)
+            target[problems, teachers, : grid.shape[1]] = grid
+    return logp, teacher_mask, baseline
 
 
 # ---------------------------------------------------------------------------------------------------

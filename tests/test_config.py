@@ -17,6 +17,7 @@ def test_defaults_are_the_papers_sgsd_settings():
     assert (cfg.skills.update_every, cfg.skills.success_threshold) == (25, 0.8)
     assert (cfg.skills.max_new, cfg.skills.capacity) == (5, 30)
     assert cfg.teachers.mode == "live"
+    assert cfg.objective.support_estimator == "paper"
     assert (cfg.eval.k, cfg.eval.temperature, cfg.eval.top_p, cfg.eval.top_k) == (12, 1.0, 0.95, 0)
 
 
@@ -52,6 +53,19 @@ def test_int_is_accepted_for_float_but_not_the_reverse():
         ({"train": {"method": "grpo"}, "rollout": {"num_generations": 1}}, r"num_generations must be >= 2"),
         ({"teachers": {"enable_thinking": "yes"}}, r"teachers.enable_thinking: expected bool"),
         ({"objective": 3}, r"section 'objective' must be a mapping"),
+        (
+            {"objective": {"support_estimator": "median"}},
+            r"support_estimator: expected 'paper' \| 'expected'",
+        ),
+        (
+            {"objective": {"support_estimator": "teacher_centred"}, "teachers": {"count": 1}},
+            r"teacher_centred needs teachers.count >= 2",
+        ),
+        (
+            {"objective": {"support_estimator": "expected", "support": "topk"}},
+            r"expected needs objective.support=full",
+        ),
+        ({"probe": {"rollouts": 0}}, r"probe.rollouts must be >= 1"),
     ],
 )
 def test_invalid_values_name_the_problem(data, message):

@@ -133,3 +133,44 @@ def test_report_errors_name_the_problem(tmp_path, runs):
         write_report([bare], tmp_path / "out")
     with pytest.raises(UserError, match="none of the runs has evaluation results"):
         write_report([bare], tmp_path / "out", labels=["GRPO"])
+
+
+def _png_width(path) -> int:
+    return int.from_bytes(path.read_bytes()[16:20], "big")
+
+
+def test_signals_plot_adds_the_support_by_outcome_panel_when_runs_log_it(runs, tmp_path):
+    from sgsd.fileio import read_jsonl
+    from sgsd.report import plot_signals
+
+    two = plot_signals([load_run(r) for r in runs], tmp_path / "two.png")
+    rows = read_jsonl(runs[0] / "metrics.jsonl")
+    for row in rows[::2]:  # a step without wrong (or correct) rollouts simply lacks the key
+        row |= {"support_correct": 0.01, "support_wrong": -0.02}
+    atomic_write_jsonl(runs[0] / "metrics.jsonl", rows)
+    three = plot_signals([load_run(r) for r in runs], tmp_path / "three.png")
+    # panels are 6 inches wide each: a third panel makes the figure 1.5 times as wide
+    assert _png_width(three) == pytest.approx(1.5 * _png_width(two), abs=2)
+
+
+def test_support_by_outcome_by_hand():
+    import torch
+
+    from sgsd.metrics import SupportByOutcome
+
+    meter = SupportByOutcome()
+    # micro-batch 1: a success with teachers 0.2, -0.4 (third slot invalid), a failure with 0.1, 0.3
+    meter.add(
+        torch.tensor([[0.2, -0.4, 9.0], [0.1, 0.3, 0.0]]),
+        torch.tensor([[True, True, False], [True, True, False]]),
+        torch.tensor([1.0, -1.0]),
+    )
+    assert meter.metrics() == pytest.approx(
+        {"support_correct": -0.1, "support_wrong": 0.2, "support_gap": -0.3}
+    )
+    # micro-batch 2: one more success with a single teacher at 0.5: correct mean (0.2 - 0.4 + 0.5) / 3
+    meter.add(torch.tensor([[0.5, 0.0, 0.0]]), torch.tensor([[True, False, False]]), torch.tensor([1.0]))
+    assert meter.metrics()["support_correct"] == pytest.approx(0.1)
+    only_failures = SupportByOutcome()
+    only_failures.add(torch.tensor([[0.1]]), torch.tensor([[True]]), torch.tensor([-1.0]))
+    assert only_failures.metrics() == {"support_wrong": pytest.approx(0.1)}

@@ -4,6 +4,7 @@ full-vocabulary log-softmax (what the reference implementation computes, minus i
 from __future__ import annotations
 
 import copy
+import math
 import random
 
 import pytest
@@ -252,6 +253,153 @@ def test_frozen_teacher_via_disable_adapter_matches_base_model(lora_llama):
     live, _ = scoring.score_teachers(lora_llama, teacher_prompts, completions, pad_id=2)
     torch.testing.assert_close(frozen[0, 0, : len(completions[0])], ref, atol=TOL, rtol=0)
     assert (frozen - live).abs().max() > 1e-3  # the adapter does change the teacher
+
+
+# ---------------------------------------------------------------------------------------------------
+# The expected gap under the rollout sampler (support estimator `expected`).
+
+
+def _q_dense(ids, q, vocab):
+    dense = torch.zeros(ids.shape[0], vocab)
+    return dense.scatter_add(1, ids, q)  # [n, V]
+
+
+def test_sampler_distribution_hand_values():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    softmax_21 = [math.exp(2) / (math.exp(2) + math.exp(1)), math.exp(1) / (math.exp(2) + math.exp(1))]
+    # top-k 2: the two largest, renormalised
+    ids, q = scoring.sampler_distribution(logits, temperature=1.0, top_k=2)
+    torch.testing.assert_close(_q_dense(ids, q, 4), torch.tensor([softmax_21 + [0.0, 0.0]]))
+    # top-p 0.7: probabilities 0.644, 0.237, 0.087, 0.032; ascending cumulative 0.032, 0.119, 0.356:
+    # the two smallest (cumulative <= 0.3) are cut
+    ids, q = scoring.sampler_distribution(logits, temperature=1.0, top_p=0.7)
+    torch.testing.assert_close(_q_dense(ids, q, 4), torch.tensor([softmax_21 + [0.0, 0.0]]))
+    # top-p 0.5 cuts everything but the most likely token
+    ids, q = scoring.sampler_distribution(logits, temperature=1.0, top_p=0.5)
+    torch.testing.assert_close(_q_dense(ids, q, 4), torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
+    # temperature 2 halves the logits before anything else
+    ids, q = scoring.sampler_distribution(logits, temperature=2.0)
+    torch.testing.assert_close(_q_dense(ids, q, 4), torch.softmax(logits / 2.0, -1))
+    # greedy
+    ids, q = scoring.sampler_distribution(logits, temperature=0.0, top_k=3)
+    torch.testing.assert_close(_q_dense(ids, q, 4), torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
+    # ties with the k-th value stay (as transformers' top-k keeps them)
+    ids, q = scoring.sampler_distribution(torch.tensor([[3.0, 1.0, 1.0, 0.0]]), temperature=1.0, top_k=2)
+    z = math.exp(3) + 2 * math.exp(1)
+    torch.testing.assert_close(
+        _q_dense(ids, q, 4), torch.tensor([[math.exp(3) / z, math.exp(1) / z, math.exp(1) / z, 0.0]])
+    )
+    with pytest.raises(ConfigError):
+        scoring.sampler_distribution(logits, temperature=1.0, top_p=0.0)
+
+
+@pytest.mark.parametrize(
+    "temperature, top_k, top_p", [(1.1, 20, 0.95), (0.7, 0, 0.9), (1.0, 5, 1.0), (1.3, 0, 1.0)]
+)
+def test_sampler_distribution_matches_transformers_warpers(temperature, top_k, top_p):
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    torch.manual_seed(0)
+    logits = torch.randn(6, 300) * 3.0  # [n, V]
+    logits[0, :4] = 5.0  # a tie at the top
+    warped = TemperatureLogitsWarper(temperature)(None, logits.clone())
+    if top_k:
+        warped = TopKLogitsWarper(top_k)(None, warped)
+    if top_p < 1.0:
+        warped = TopPLogitsWarper(top_p)(None, warped)
+    ids, q = scoring.sampler_distribution(logits, temperature, top_k, top_p)
+    torch.testing.assert_close(_q_dense(ids, q, 300), torch.softmax(warped, -1), atol=1e-6, rtol=0)
+
+
+def test_expected_gap_is_minus_reverse_kl_at_temperature_one_without_truncation():
+    from sgsd.objectives import reverse_kl
+
+    torch.manual_seed(1)
+    student, teacher = torch.randn(5, 50), torch.randn(5, 50)
+    b = scoring.expected_gap(student, teacher, temperature=1.0)
+    torch.testing.assert_close(b, -reverse_kl(student, teacher), atol=1e-6, rtol=0)
+    # hand case: p_S = (1/2, 1/2), p_T = (1/4, 3/4): b = 1/2 log(1/2) + 1/2 log(3/2)
+    s, t = torch.tensor([[0.0, 0.0]]), torch.tensor([[0.0, math.log(3.0)]])
+    expected = 0.5 * math.log(0.5) + 0.5 * math.log(1.5)
+    torch.testing.assert_close(scoring.expected_gap(s, t, 1.0), torch.tensor([expected]))
+    # greedy: b is the gap at the student's argmax
+    s = torch.tensor([[0.0, 1.0]])
+    gap = torch.log_softmax(t, -1)[0, 1] - torch.log_softmax(s, -1)[0, 1]
+    torch.testing.assert_close(scoring.expected_gap(s, t, 0.0), gap.reshape(1))
+
+
+def test_expected_gap_under_truncation_is_the_mean_gap_over_the_sampler():
+    torch.manual_seed(2)
+    student, teacher = torch.randn(4, 40) * 2, torch.randn(4, 40) * 2
+    ids, q = scoring.sampler_distribution(student, 1.1, top_k=5, top_p=0.9)
+    q_dense = _q_dense(ids, q, 40)
+    gaps = torch.log_softmax(teacher, -1) - torch.log_softmax(student, -1)  # [n, V]
+    torch.testing.assert_close(
+        scoring.expected_gap(student, teacher, 1.1, top_k=5, top_p=0.9), (q_dense * gaps).sum(-1)
+    )
+
+
+def _reference_baseline(model, student_prompt, teacher_prompt, completion, sampler):
+    s_logits = reference_logits(model, student_prompt, completion).float()  # [T, V]
+    t_logits = reference_logits(model, teacher_prompt, completion).float()  # [T, V]
+    ids, q = scoring.sampler_distribution(s_logits, *sampler)
+    q = _q_dense(ids, q, s_logits.shape[-1])  # [T, V] the sampler, written out
+    return (q * (torch.log_softmax(t_logits, -1) - torch.log_softmax(s_logits, -1))).sum(-1)  # [T]
+
+
+@pytest.mark.parametrize("sampler", [(1.1, 20, 0.95), (1.0, 0, 1.0)])
+def test_teachers_expected_matches_a_direct_computation(llama, sampler):
+    rng, prompts, completions = _problems(seed=40)
+    counts = (3, 1, 2)
+    teacher_prompts = [[_ids(rng, rng.randint(1, 25)) for _ in range(c)] for c in counts]
+    logp, mask, baseline = scoring.score_teachers_expected(
+        llama, prompts, teacher_prompts, completions, pad_id=2, temperature=sampler[0], top_k=sampler[1],
+        top_p=sampler[2], chunk_rows=2, chunk_size=3,
+    )  # fmt: skip
+    plain, plain_mask = scoring.score_teachers(llama, teacher_prompts, completions, pad_id=2)
+    torch.testing.assert_close(logp, plain, atol=TOL, rtol=0)
+    assert mask.tolist() == plain_mask.tolist()
+    assert baseline.shape == logp.shape and not baseline.requires_grad
+    with torch.no_grad():
+        for b, completion in enumerate(completions):
+            for k in range(3):
+                if k >= counts[b]:
+                    assert torch.all(baseline[b, k] == 0)
+                    continue
+                ref = _reference_baseline(llama, prompts[b], teacher_prompts[b][k], completion, sampler)
+                torch.testing.assert_close(baseline[b, k, : len(completion)], ref, atol=1e-4, rtol=0)
+                assert torch.all(baseline[b, k, len(completion) :] == 0)
+                if sampler == (1.0, 0, 1.0):  # temperature 1, no truncation: -KL(p_S || p_T)
+                    from sgsd.objectives import reverse_kl
+
+                    kl = reverse_kl(
+                        reference_logits(llama, prompts[b], completion),
+                        reference_logits(llama, teacher_prompts[b][k], completion),
+                    )
+                    torch.testing.assert_close(baseline[b, k, : len(completion)], -kl, atol=1e-4, rtol=0)
+
+
+def test_teachers_expected_runs_teachers_in_their_context_and_the_student_outside(lora_llama):
+    rng, prompts, completions = _problems(seed=41, b=2)
+    teacher_prompts = [[_ids(rng, 9)], [_ids(rng, 4)]]
+    sampler = (1.0, 0, 1.0)
+    _, _, baseline = scoring.score_teachers_expected(
+        lora_llama, prompts, teacher_prompts, completions, pad_id=2, temperature=1.0,
+        teacher_context=lora_llama.disable_adapter,
+    )  # fmt: skip
+    with torch.no_grad():
+        s_logits = reference_logits(lora_llama, prompts[0], completions[0]).float()  # adapter on
+        with lora_llama.disable_adapter():
+            t_logits = reference_logits(lora_llama, teacher_prompts[0][0], completions[0]).float()
+    ids, q = scoring.sampler_distribution(s_logits, *sampler)
+    ref = (_q_dense(ids, q, s_logits.shape[-1]) * (t_logits.log_softmax(-1) - s_logits.log_softmax(-1))).sum(
+        -1
+    )
+    torch.testing.assert_close(baseline[0, 0, : len(completions[0])], ref, atol=1e-4, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------------
