@@ -87,41 +87,20 @@ def step_evidence(parts: list[dict]) -> dict:
         "decisions": decisions,
         "delta_hist": [sum(c) for c in zip(*(p["delta_hist"] for p in parts))],
     }
-    for name, correct in (("support_correct", True), ("support_wrong", False)):
-        values = [a for a, _, r in decisions if (r > 0) == correct]
-        if values:
-            out[name] = sum(values) / len(values)
+    out.update(support_by_outcome(decisions))
     return out
 
 
-class SupportByOutcome:
-    """The step's robust support split by rollout outcome, accumulated over micro-batches.
-
-    `add(support [B, K], teacher_mask [B, K], reward [B])` per micro-batch (support as the chosen
-    estimator gives it, e.g. `sgsd_loss`'s metrics["support"]); `metrics()` returns
-    {"support_correct": mean over valid (rollout, teacher) decisions with r > 0, "support_wrong": the
-    same with r <= 0, "support_gap": their difference} with a key left out when its side has no
-    decision, so a logged row never holds NaN. An informative signal keeps support_gap > 0.
-    """
-
-    def __init__(self) -> None:
-        self._sum = {True: 0.0, False: 0.0}
-        self._count = {True: 0, False: 0}
-
-    def add(self, support, teacher_mask, reward) -> None:
-        valid = teacher_mask.bool().cpu()  # [B, K]
-        values = support.detach().float().cpu()  # [B, K]
-        success = (reward.detach().cpu() > 0).unsqueeze(-1).expand_as(valid)  # [B, K]
-        for outcome in (True, False):
-            pick = valid & (success == outcome)
-            self._sum[outcome] += float(values[pick].sum())
-            self._count[outcome] += int(pick.sum())
-
-    def metrics(self) -> dict[str, float]:
-        out = {}
-        for outcome, key in ((True, "support_correct"), (False, "support_wrong")):
-            if self._count[outcome]:
-                out[key] = self._sum[outcome] / self._count[outcome]
-        if len(out) == 2:
-            out["support_gap"] = out["support_correct"] - out["support_wrong"]
-        return out
+def support_by_outcome(decisions: list) -> dict[str, float]:
+    """Mean robust support of the decisions ([support, rho, reward] rows) on correct (reward > 0) and on
+    wrong rollouts, and their difference: {"support_correct", "support_wrong", "support_gap"}, a key
+    left out when its side has no decision (a logged row never holds NaN). An informative teacher
+    signal keeps support_gap > 0."""
+    out = {}
+    for key, correct in (("support_correct", True), ("support_wrong", False)):
+        values = [a for a, _, r in decisions if (r > 0) == correct]
+        if values:
+            out[key] = sum(values) / len(values)
+    if len(out) == 2:
+        out["support_gap"] = out["support_correct"] - out["support_wrong"]
+    return out

@@ -534,7 +534,7 @@ def sample_and_grade(trainer, indices: list[int], round_index: int) -> list:
     """`probe.rollouts` rollouts of each problem (training-set `indices`) with the training sampler
     (`Trainer._rollouts`, seeded as step `round_index`), graded by `Trainer._verify`."""
     problems = [trainer.train_problems[i] for i in indices]
-    rollouts = trainer._rollouts(problems, step=round_index)
+    rollouts = trainer._rollouts(problems, round_index=round_index)
     trainer._verify(rollouts)
     return rollouts
 
@@ -542,9 +542,10 @@ def sample_and_grade(trainer, indices: list[int], round_index: int) -> list:
 def score_rollouts(trainer, rollouts: list, planted: list[PlantedPair], show=print) -> dict:
     """Per-token gaps of every rollout under the null teacher (column "null"), the planted pairs and its
     retrieved teachers ("retrieved"), with the expected gaps b_t; built with the trainer's teacher texts,
-    alignment, teacher weights (`teacher.scoring`) and token mask, as `Trainer._distillation_loss` does."""
+    alignment, teacher weights (`teacher.scoring`) and token mask, as training does (`sgsd.teaching`)."""
     from sgsd.prompts import teacher_prompt
     from sgsd.scoring import score_student, score_teachers_expected, teacher_prompt_ids
+    from sgsd.teaching import completion_ids_of, teacher_texts, token_mask
 
     cfg = trainer.cfg
     r_cfg, t_cfg, o = cfg.rollout, cfg.teachers, cfg.objective
@@ -562,10 +563,10 @@ def score_rollouts(trainer, rollouts: list, planted: list[PlantedPair], show=pri
     trainer.model.eval()
     for start in range(0, rows, mb):
         chunk = rollouts[start : start + mb]
-        completion_ids = trainer._completion_ids(chunk)
+        completion_ids = completion_ids_of(chunk, trainer.pad_id)
         texts = []
         for r in chunk:
-            retrieved_texts, _scores = trainer._teacher_texts(r)
+            retrieved_texts, _scores, _pairs = teacher_texts(trainer.spec, r.problem, r.pairs, t_cfg)
             answer = r.problem.answer if t_cfg.include_answer else None
             texts.append([teacher_prompt(r.problem.question, s, m, answer=answer) for s, m in extra]
                          + list(retrieved_texts)[:k_max])  # fmt: skip
@@ -575,6 +576,7 @@ def score_rollouts(trainer, rollouts: list, planted: list[PlantedPair], show=pri
                 x,
                 student_enable_thinking=r_cfg.enable_thinking,
                 teacher_enable_thinking=t_cfg.enable_thinking,
+                align_think_block=t_cfg.align_think_block,
             )
             for x in texts
         ]
@@ -596,7 +598,7 @@ def score_rollouts(trainer, rollouts: list, planted: list[PlantedPair], show=pri
             s_logp, valid = score_student(
                 trainer.model, student_prompts, completion_ids, trainer.pad_id, chunk_size=o.position_chunk
             )  # [b, T]
-        keep = trainer._token_mask(completion_ids, valid).cpu()  # [b, T]
+        keep = token_mask(trainer.tokenizer, completion_ids, valid, o.token_mask).cpu()  # [b, T]
         t, j = t_logp.shape[-1], t_logp.shape[1]
         sl = slice(start, start + len(chunk))
         delta[sl, :j, :t] = (t_logp - s_logp.unsqueeze(1)).cpu() * t_mask.cpu()[..., None]

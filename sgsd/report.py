@@ -317,7 +317,7 @@ def plot_polarity(runs: Sequence[RunData], out_png: Path, smooth: int = 5) -> Pa
 
 def plot_signals(runs: Sequence[RunData], out_png: Path, smooth: int = 5) -> Path | None:
     """Mean robust support and mean reward against step, one line per run; and, where runs log it
-    (`sgsd.metrics.SupportByOutcome`), the support on correct (solid) and on wrong (dashed) rollouts."""
+    (`sgsd.metrics.support_by_outcome`), the support on correct (solid) and on wrong (dashed) rollouts."""
     panels = [
         (keys, title)
         for keys, title in (

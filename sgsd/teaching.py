@@ -30,6 +30,7 @@ from sgsd.objectives import (
     teacher_weights,
 )
 from sgsd.prompts import (
+    null_teacher_prompt,
     official_opsd_skill_teacher_prompt,
     official_opsd_teacher_prompt,
     official_skill_answer_teacher_prompt,
@@ -41,6 +42,7 @@ from sgsd.scoring import (
     score_divergence,
     score_student,
     score_teachers,
+    score_teachers_expected,
     score_topk_support,
     teacher_prompt_ids,
 )
@@ -52,6 +54,7 @@ class TeacherBatch:
     weights: torch.Tensor  # [B, K] alpha (Eq. 6), 0 for missing teachers
     mask: torch.Tensor  # [B, K] bool, the teachers that exist
     ledger_pairs: list[list]  # [B][K] the pair behind each teacher; [] for teachers of several pairs
+    null_ids: list[list[int]] | None = None  # [B] the null teacher's prompt (support_estimator=null_relative)
 
 
 def teacher_texts(spec: MethodSpec, problem, pairs: list, teachers_cfg):
@@ -102,7 +105,15 @@ def build_teacher_batch(spec: MethodSpec, rollouts: list, tokenizer, cfg, device
         retrieval[b, : len(s)] = torch.tensor(s, dtype=torch.float32)
         mask[b, : len(s)] = True
     weights = teacher_weights(retrieval, mask, cfg.skills.weight_temperature)  # [B, K]
-    return TeacherBatch(ids, weights, mask, list(ledger_pairs))
+    null_ids = None
+    if cfg.objective.support_estimator == "null_relative":  # same template, content-free guidance
+        texts = [
+            null_teacher_prompt(r.problem.question, r.problem.answer if t.include_answer else None)
+            for r in rollouts
+        ]
+        null_ids = teacher_prompt_ids(tokenizer, texts, student_enable_thinking=cfg.rollout.enable_thinking,
+                                      teacher_enable_thinking=t.enable_thinking, align_think_block=t.align_think_block)  # fmt: skip
+    return TeacherBatch(ids, weights, mask, list(ledger_pairs), null_ids)
 
 
 def completion_valid(completion_ids: list[list[int]], device) -> torch.Tensor:
@@ -114,30 +125,73 @@ def completion_valid(completion_ids: list[list[int]], device) -> torch.Tensor:
     return valid
 
 
+def completion_ids_of(rollouts: list, pad_id: int) -> list[list[int]]:
+    """Each rollout's completion token ids; an empty completion is scored as one pad token."""
+    return [r.completion_ids if r.completion_ids else [pad_id] for r in rollouts]
+
+
 def token_mask(tokenizer, completion_ids, valid: torch.Tensor, use_mask: bool) -> torch.Tensor:
     """m_t (Section 2.4) when `objective.token_mask` is on, else every completion token."""
     return completion_token_mask(tokenizer, completion_ids, valid) if use_mask else valid
 
 
+@dataclass
+class SampledScores:
+    """What the gated and sampled-RKL objectives read, for B rollouts and K teachers."""
+
+    student: torch.Tensor  # [B, T] log p_S(y_t) with grad; [B, K, T] renormalised per teacher (top-K)
+    teacher: torch.Tensor  # [B, K, T] log p_T(y_t), no grad
+    valid: torch.Tensor  # [B, T] completion tokens
+    local_kl: torch.Tensor | None = (
+        None  # [B, K, T] local forward KL with grad (objective.topk_gate=local_kl)
+    )
+    baseline: torch.Tensor | None = None  # [B, K, T] expected gap b_t (support_estimator=expected)
+    null_teacher: torch.Tensor | None = (
+        None  # [B, T] the null teacher's log p (support_estimator=null_relative)
+    )
+
+
 def score_sampled_tokens(
     model, student_prompts, batch: TeacherBatch, completions, pad_id, cfg, teacher_context
-):
-    """Sampled-token log-probs for the gated and sampled-RKL objectives: `(student [B, T] with grad, or
-    [B, K, T] renormalised on each teacher's top-K support; teachers [B, K, T]; valid [B, T])`, and with
-    `objective.topk_gate=local_kl` a fourth tensor, the local forward KL per teacher [B, K, T]."""
-    o, t = cfg.objective, cfg.teachers
+) -> SampledScores:
+    """Sampled-token log-probs of the student and each teacher, plus what the configured support
+    estimator and top-K gate need: the expected gaps under the rollout sampler (`expected`), the null
+    teacher's log-probs (`null_relative`, one extra teacher row per rollout), the local KL (top-K)."""
+    o, t, r = cfg.objective, cfg.teachers, cfg.rollout
     common = dict(chunk_rows=t.chunk_rows, chunk_size=o.position_chunk)
     if o.support == "topk":  # Section 4.5: teacher top-K + sampled token, renormalised per teacher
-        student, teacher, _ = score_topk_support(model, student_prompts, batch.prompt_ids, completions, pad_id,
-                                                 k=o.support_top_k, teacher_context=teacher_context, **common)  # fmt: skip
-        return student, teacher, completion_valid(completions, student.device)
-    with teacher_context():  # score_teachers runs only teacher forwards: the context wraps the call
-        teacher, _ = score_teachers(
-            model, batch.prompt_ids, completions, pad_id, **common
-        )  # [B, K, T] no grad
+        local_kl = o.topk_gate == "local_kl"
+        out = score_topk_support(model, student_prompts, batch.prompt_ids, completions, pad_id, k=o.support_top_k,
+                                 teacher_context=teacher_context, local_kl=local_kl, **common)  # fmt: skip
+        valid = completion_valid(completions, out[0].device)
+        return SampledScores(out[0], out[1], valid, local_kl=out[3] if local_kl else None)
+    ids = batch.prompt_ids
+    if batch.null_ids is not None:  # the null teacher scores first, in the same forwards
+        ids = [[null] + row for null, row in zip(batch.null_ids, ids)]
+    baseline = None
+    if o.support_estimator == "expected":  # teacher forwards inside teacher_context, student outside
+        teacher, _, baseline = score_teachers_expected(
+            model,
+            student_prompts,
+            ids,
+            completions,
+            pad_id,
+            temperature=r.temperature,
+            top_k=r.top_k,
+            top_p=r.top_p,
+            teacher_context=teacher_context,
+            **common,
+        )  # fmt: skip  [B, K, T] each, no grad
+    else:
+        with teacher_context():  # score_teachers runs only teacher forwards: the context wraps the call
+            teacher, _ = score_teachers(model, ids, completions, pad_id, **common)  # [B, K, T] no grad
     release_freed_memory()  # the teacher forwards' temporaries, before the student's activations
     student, valid = score_student(model, student_prompts, completions, pad_id, chunk_size=o.position_chunk)
-    return student, teacher, valid  # [B, T] with grad, [B, K, T], [B, T]
+    null = None
+    if batch.null_ids is not None:
+        null, teacher = teacher[:, 0], teacher[:, 1:]  # [B, T], [B, K, T]
+        baseline = baseline[:, 1:] if baseline is not None else None
+    return SampledScores(student, teacher, valid, baseline=baseline, null_teacher=null)
 
 
 def score_divergences(
@@ -212,7 +266,7 @@ class MicroBatchLoss:
         """What the batch objective averages over: the kept tokens of the whole batch (token_mean
         aggregation) or its rollouts."""
         if self.aggregation == "token_mean":
-            ids = self._completion_ids(rollouts)
+            ids = completion_ids_of(rollouts, self.pad_id)
             return float(max(1, int(self._mask(ids, completion_valid(ids, "cpu")).sum())))
         return float(max(1, len(rollouts)))
 
@@ -223,9 +277,6 @@ class MicroBatchLoss:
             else token_mask(self.tokenizer, completions, valid, self.cfg.objective.token_mask)
         )
 
-    def _completion_ids(self, chunk: list) -> list[list[int]]:
-        return [r.completion_ids if r.completion_ids else [self.pad_id] for r in chunk]
-
     def _device(self):
         return next(self.model.parameters()).device
 
@@ -233,11 +284,11 @@ class MicroBatchLoss:
         """SGSD's gated objective (or its sampled-token RKL variant)."""
         o = self.cfg.objective
         teachers = build_teacher_batch(self.spec, chunk, self.tokenizer, self.cfg, self._device())
-        completions = self._completion_ids(chunk)
+        completions = completion_ids_of(chunk, self.pad_id)
         prompts = [r.prompt_ids for r in chunk]
-        student, teacher, valid, *local_kl = score_sampled_tokens(
+        scores = score_sampled_tokens(
             self.model, prompts, teachers, completions, self.pad_id, self.cfg, self.teacher_context
-        )  # [B, T] (or [B, K, T]) with grad, [B, K, T], [B, T] (, local KL [B, K, T])
+        )
         rewards = [r.reward for r in chunk]
         common = dict(
             tau=o.tau,
@@ -248,28 +299,29 @@ class MicroBatchLoss:
             weights=teachers.weights,
             normalizer=normalizer,
         )
-        mask, reward = self._mask(completions, valid), torch.tensor(rewards, device=teacher.device)
-        if local_kl:  # the official top-K variant: the gate reads the local KL, polarity the local gap
+        mask, reward = (
+            self._mask(completions, scores.valid),
+            torch.tensor(rewards, device=scores.teacher.device),
+        )
+        if scores.local_kl is not None:  # the official top-K variant: the gate reads the local KL
             loss, metrics = sgsd_local_kl_loss(
-                student, teacher, local_kl[0], mask, reward, None, teachers.mask, **common
+                scores.student, scores.teacher, scores.local_kl, mask, reward, None, teachers.mask, **common
             )
         else:
-            loss, metrics = sgsd_loss(
-                student,
-                teacher,
-                mask,
-                reward,
-                None,
-                teachers.mask,
-                teacher_term=self.objective.name,
-                **common,
+            null_delta = (
+                None if scores.null_teacher is None else scores.null_teacher - scores.student.detach()
             )
+            loss, metrics = sgsd_loss(
+                scores.student, scores.teacher, mask, reward, None, teachers.mask, teacher_term=self.objective.name,
+                support_baseline=scores.baseline, support_estimator=o.support_estimator, null_delta=null_delta,
+                **common,
+            )  # fmt: skip
         return loss, metrics, decision_evidence(rewards, metrics, teachers.mask, teachers.ledger_pairs)
 
     def _divergence_loss(self, chunk: list, normalizer: float):
         """Full-vocabulary divergence to each teacher (OPSD, Fig. 3(c)), weighted by alpha."""
         teachers = build_teacher_batch(self.spec, chunk, self.tokenizer, self.cfg, self._device())
-        completions = self._completion_ids(chunk)
+        completions = completion_ids_of(chunk, self.pad_id)
         prompts = [r.prompt_ids for r in chunk]
         per_token, valid = score_divergences(
             self.model,
@@ -298,7 +350,7 @@ class MicroBatchLoss:
         the ratio of the clipped surrogate is the real one from the second pass on."""
         for start in range(0, len(rollouts), micro_batch):
             chunk = rollouts[start : start + micro_batch]
-            completions = self._completion_ids(chunk)
+            completions = completion_ids_of(chunk, self.pad_id)
             logp, _ = score_student(self.model, [r.prompt_ids for r in chunk], completions, self.pad_id,
                                     chunk_size=self.cfg.objective.position_chunk)  # fmt: skip
             for r, row, c in zip(chunk, logp, completions):
@@ -307,7 +359,7 @@ class MicroBatchLoss:
     def _policy_loss(self, chunk: list, normalizer: float):
         """GRPO: group-relative advantages and the clipped surrogate on the policy's own log-probs."""
         o = self.cfg.objective
-        completions = self._completion_ids(chunk)
+        completions = completion_ids_of(chunk, self.pad_id)
         prompts = [r.prompt_ids for r in chunk]
         logp, valid = score_student(
             self.model, prompts, completions, self.pad_id, chunk_size=o.position_chunk

@@ -231,15 +231,17 @@ class Trainer:
             picked.append(self.train_problems[orders[epoch][pos]])
         return picked[self.acc.process_index :: self.acc.num_processes]
 
-    def _rollouts(self, problems: list) -> list[Rollout]:
+    def _rollouts(self, problems: list, round_index: int | None = None) -> list[Rollout]:
+        """Rollouts of `problems`, sampled with the seed of round `round_index` (default: this step's)."""
         r = self.cfg.rollout
+        round_index = self.step // self.passes if round_index is None else round_index
         questions = [p.question for p in problems]
         pairs = self.retriever.retrieve_batch(questions) if self.spec.retrieves else [[] for _ in problems]
         texts = [
             skills_in_prompt(q, pp) if self.spec.student_sees_skills and pp else student_prompt(q)
             for q, pp in zip(questions, pairs)
         ]
-        seed = self.cfg.train.seed * 7919 + (self.step // self.passes) * 104_729 + self.acc.process_index
+        seed = self.cfg.train.seed * 7919 + round_index * 104_729 + self.acc.process_index
         params = sampling_params(r, n=r.num_generations, seed=seed)
         outputs = self._policy_generator().generate(texts, params, enable_thinking=r.enable_thinking)
         return [

@@ -154,23 +154,13 @@ def test_signals_plot_adds_the_support_by_outcome_panel_when_runs_log_it(runs, t
 
 
 def test_support_by_outcome_by_hand():
-    import torch
+    from sgsd.metrics import support_by_outcome
 
-    from sgsd.metrics import SupportByOutcome
-
-    meter = SupportByOutcome()
-    # micro-batch 1: a success with teachers 0.2, -0.4 (third slot invalid), a failure with 0.1, 0.3
-    meter.add(
-        torch.tensor([[0.2, -0.4, 9.0], [0.1, 0.3, 0.0]]),
-        torch.tensor([[True, True, False], [True, True, False]]),
-        torch.tensor([1.0, -1.0]),
-    )
-    assert meter.metrics() == pytest.approx(
+    # a success with teachers 0.2 and -0.4, a failure with 0.1 and 0.3 ([support, rho, reward] rows)
+    decisions = [[0.2, 1.0, 1.0], [-0.4, -1.0, 1.0], [0.1, -1.0, -1.0], [0.3, -1.0, -1.0]]
+    assert support_by_outcome(decisions) == pytest.approx(
         {"support_correct": -0.1, "support_wrong": 0.2, "support_gap": -0.3}
     )
-    # micro-batch 2: one more success with a single teacher at 0.5: correct mean (0.2 - 0.4 + 0.5) / 3
-    meter.add(torch.tensor([[0.5, 0.0, 0.0]]), torch.tensor([[True, False, False]]), torch.tensor([1.0]))
-    assert meter.metrics()["support_correct"] == pytest.approx(0.1)
-    only_failures = SupportByOutcome()
-    only_failures.add(torch.tensor([[0.1]]), torch.tensor([[True]]), torch.tensor([-1.0]))
-    assert only_failures.metrics() == {"support_wrong": pytest.approx(0.1)}
+    # one more success at 0.5: correct mean (0.2 - 0.4 + 0.5) / 3 = 0.1
+    assert support_by_outcome([*decisions, [0.5, 1.0, 1.0]])["support_correct"] == pytest.approx(0.1)
+    assert support_by_outcome([[0.1, 0.0, -1.0]]) == {"support_wrong": pytest.approx(0.1)}

@@ -335,3 +335,52 @@ def test_grpo_iterations_reuse_each_batch_with_a_real_ratio(tmp_path, tiny_model
     assert abs(rows[1]["mean_ratio"] - 1.0) > 1e-4  # the first update moved the policy
     assert rows[2]["mean_ratio"] == pytest.approx(1.0, abs=1e-5)
     assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-000002", "step-000003"]
+
+
+@pytest.mark.parametrize(
+    "extra, expect",
+    [
+        (["objective.support_estimator=expected"], "baseline"),
+        (["objective.support_estimator=null_relative"], "null"),
+        (["objective.support_estimator=teacher_centred"], "centred"),
+        (["objective.support=topk", "objective.support_top_k=5", "objective.topk_gate=local_kl"], "local_kl"),
+    ],
+)
+def test_support_estimators_and_the_topk_gate_reach_the_objective(
+    tmp_path, tiny_model_dir, monkeypatch, extra, expect
+):
+    """Each support estimator and the official top-K gate trains, and the objective receives what the
+    configuration asks for: the expected gaps [B, K, T], the null teacher's gaps [B, T], the estimator's
+    name, or the local KL; the per-step support by outcome is logged."""
+    import sgsd.teaching as teaching
+
+    _alternating_grades(monkeypatch)
+    seen = []
+    for name in ("sgsd_loss", "sgsd_local_kl_loss"):
+        real = getattr(teaching, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            seen.append((_name, args, kwargs))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(teaching, name, spy)
+    run = _train(tmp_path, tiny_model_dir, "train.steps=1", "data.eval_sources=[]", *DEMO_RETRIEVAL, *extra)
+    [row] = read_jsonl(run / "metrics.jsonl")
+    assert math.isfinite(row["loss"]) and "support_correct" in row and "support_wrong" in row
+    names = {name for name, _, _ in seen}
+    if expect == "local_kl":
+        assert names == {"sgsd_local_kl_loss"}
+        return
+    assert names == {"sgsd_loss"}
+    for _, args, kwargs in seen:
+        teacher = args[1]  # [B, K, T]: the K retrieved teachers (the null row is split off)
+        assert teacher.shape[1] == 3
+        if expect == "baseline":
+            assert (
+                kwargs["support_baseline"].shape == teacher.shape
+                and kwargs["support_estimator"] == "expected"
+            )
+        elif expect == "null":
+            assert kwargs["null_delta"].shape == (teacher.shape[0], teacher.shape[2])
+        else:
+            assert kwargs["support_estimator"] == "teacher_centred" and kwargs["null_delta"] is None
