@@ -58,10 +58,11 @@ def _vm_rss_kb() -> int:
 
 
 def _patch() -> None:
+    import sgsd.trainer
     from sgsd.trainer import Trainer
 
-    if os.environ.get("SGSD_TEST_SCRIPTED_EXTRACTOR") == "1":
-        Trainer._extraction_generator = lambda self: ScriptedExtractor()
+    if os.environ.get("SGSD_TEST_SCRIPTED_EXTRACTOR") == "1":  # the online update's extraction generator
+        sgsd.trainer.extraction_generator = lambda cfg, policy_generator: ScriptedExtractor()
     rss_log = os.environ.get("SGSD_TEST_RSS_LOG")
     if rss_log:
         original_log = Trainer._log

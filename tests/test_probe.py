@@ -228,7 +228,6 @@ def test_probe_scores_retrieved_teachers_exactly_as_training_does(tmp_path, tiny
     from sgsd.config import load_config
     from sgsd.configs import resolve_config_path
     from sgsd.probe import problem_order, sample_and_grade, score_rollouts
-    from sgsd.scoring import score_student, score_teachers, teacher_prompt_ids
     from sgsd.trainer import Trainer
 
     _alternating_grades(monkeypatch)
@@ -244,17 +243,16 @@ def test_probe_scores_retrieved_teachers_exactly_as_training_does(tmp_path, tiny
     rollouts = sample_and_grade(trainer, problem_order(cfg, len(trainer.train_problems))[:2], 0)
     scored = score_rollouts(trainer, rollouts, [], show=lambda *_: None)
     assert scored["columns"] == ["null", "retrieved", "retrieved"]
-    # the trainer's own way (Trainer._distillation_loss): its teacher texts, alignment and token mask
-    completion_ids = trainer._completion_ids(rollouts)
-    texts = [trainer._teacher_texts(r)[0] for r in rollouts]
-    ids = [teacher_prompt_ids(trainer.tokenizer, list(x), False, cfg.teachers.enable_thinking) for x in texts]
-    with trainer.teacher.scoring():
-        t_logp, t_mask = score_teachers(trainer.model, ids, completion_ids, trainer.pad_id)
+    # the trainer's own way (sgsd.teaching, as MicroBatchLoss calls it): teachers, scores, token mask
+    from sgsd.teaching import build_teacher_batch, completion_ids_of, score_sampled_tokens, token_mask
+
+    completion_ids = completion_ids_of(rollouts, trainer.pad_id)
+    batch = build_teacher_batch(trainer.spec, rollouts, trainer.tokenizer, cfg, "cpu")
     with torch.no_grad():
-        s_logp, valid = score_student(
-            trainer.model, [r.prompt_ids for r in rollouts], completion_ids, trainer.pad_id
-        )
-    mask = trainer._token_mask(completion_ids, valid)
+        scores = score_sampled_tokens(trainer.model, [r.prompt_ids for r in rollouts], batch, completion_ids,
+                                      trainer.pad_id, cfg, trainer.teacher.scoring)  # fmt: skip
+    t_logp, t_mask, s_logp = scores.teacher, batch.mask, scores.student
+    mask = token_mask(trainer.tokenizer, completion_ids, scores.valid, cfg.objective.token_mask)
     width = t_logp.shape[-1]
     torch.testing.assert_close(
         scored["delta"][:, 1:, :width], (t_logp - s_logp.unsqueeze(1)) * t_mask[..., None]
