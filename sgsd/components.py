@@ -149,3 +149,15 @@ def build_optimizer(cfg: Config, params: list):
 
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python's, numpy's and torch's generators."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)

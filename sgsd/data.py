@@ -733,3 +733,21 @@ def training_problems(data_cfg, held_out: dict[str, list[Problem]]) -> list[Prob
     if not problems:
         raise DataError(f"no training problems left from {data_cfg.train_source}")
     return problems
+
+
+def step_problems(
+    problems: list, step: int, batch_size: int, seed: int, rank: int = 0, world: int = 1
+) -> list:
+    """The problems of one training step: positions step*batch_size .. +batch_size of an endless sequence
+    of seeded permutations (one per epoch), this rank's share (every `world`-th from `rank`). A pure
+    function of its arguments, so a resumed run sees exactly the problems an uninterrupted one would."""
+    n = len(problems)
+    orders: dict[int, list[int]] = {}  # one seeded permutation per epoch this step touches
+    picked = []
+    for i in range(step * batch_size, (step + 1) * batch_size):
+        epoch, pos = divmod(i, n)
+        if epoch not in orders:
+            orders[epoch] = list(range(n))
+            random.Random(seed * 1_000_003 + epoch).shuffle(orders[epoch])
+        picked.append(problems[orders[epoch][pos]])
+    return picked[rank::world]

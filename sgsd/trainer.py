@@ -32,7 +32,6 @@ rank ends each step with identical weights and an identical bank.
 from __future__ import annotations
 
 import math
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,9 +41,9 @@ import torch
 
 from sgsd import checkpoint as ckpt
 from sgsd import objectives as obj
-from sgsd.components import build_optimizer, build_policy, build_skills, extraction_generator
+from sgsd.components import build_optimizer, build_policy, build_skills, extraction_generator, seed_everything
 from sgsd.config import Config, config_to_dict, dump_config
-from sgsd.data import held_out_sets, training_problems
+from sgsd.data import held_out_sets, step_problems, training_problems
 from sgsd.errors import UserError
 from sgsd.faults import maybe_fault
 from sgsd.fileio import append_jsonl, atomic_write_text
@@ -74,14 +73,6 @@ class Rollout:
     old_logp: Any = None  # [T] log-probs under the sampling weights (GRPO with several passes)
 
 
-def _seed_everything(seed: int) -> None:
-    import numpy as np
-
-    random.seed(seed)
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-
-
 class Trainer:
     """Builds everything from a `Config` and runs `train()`. See the module docstring for the loop."""
 
@@ -93,7 +84,7 @@ class Trainer:
         self.objective = obj.objective_spec(self.spec.objective_name(cfg.objective.loss))
         self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
         self.is_main = self.acc.is_main_process
-        _seed_everything(cfg.train.seed)
+        seed_everything(cfg.train.seed)
         self.eval_sets = held_out_sets(cfg.data)
         self.train_problems = training_problems(cfg.data, self.eval_sets)
         # the skills before the policy: a bad bank file fails before a model load
@@ -217,19 +208,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ problems and rollouts
 
-    def _sample_problems(self, step: int) -> list:
-        """This rank's problems for `step`: a seeded permutation per epoch, sliced per step and rank, so
-        a resumed run sees exactly the problems an uninterrupted one would."""
-        b, n = self.cfg.train.batch_size, len(self.train_problems)
-        orders: dict[int, list[int]] = {}  # one seeded permutation per epoch this step touches
-        picked = []
-        for i in range(step * b, (step + 1) * b):
-            epoch, pos = divmod(i, n)
-            if epoch not in orders:
-                orders[epoch] = list(range(n))
-                random.Random(self.cfg.train.seed * 1_000_003 + epoch).shuffle(orders[epoch])
-            picked.append(self.train_problems[orders[epoch][pos]])
-        return picked[self.acc.process_index :: self.acc.num_processes]
+    def _sample_problems(self, round_index: int) -> list:
+        """This rank's problems for a round (resumed runs see exactly those of an uninterrupted one)."""
+        t = self.cfg.train
+        return step_problems(self.train_problems, round_index, t.batch_size, t.seed, self.acc.process_index,
+                             self.acc.num_processes)  # fmt: skip
 
     def _rollouts(self, problems: list, round_index: int | None = None) -> list[Rollout]:
         """Rollouts of `problems`, sampled with the seed of round `round_index` (default: this step's)."""
@@ -351,16 +334,9 @@ class Trainer:
             return {}
         from accelerate.utils import broadcast_object_list, gather_object
 
-        records = [
-            {
-                "question": r.problem.question,
-                "answer": r.problem.answer,
-                "completion": r.completion_text,
-                "reward": r.reward,
-                "step": self.step,
-            }
-            for r in rollouts
-        ]
+        keys = ("question", "answer", "completion", "reward", "step")  # the evolution window's records
+        records = [dict(zip(keys, (r.problem.question, r.problem.answer, r.completion_text, r.reward, self.step)))
+                   for r in rollouts]  # fmt: skip
         if self.acc.num_processes > 1:
             records = gather_object(records)
         self.evolver.add_records(records, step=self.step)

@@ -470,3 +470,16 @@ def test_cli_data_show_columns_and_errors(tmp_path, capsys):
 def test_module_docstring_lists_every_preset():
     for name in HF_PRESETS:
         assert name in data.__doc__
+
+
+def test_step_problems_walks_seeded_epochs_and_splits_ranks():
+    from sgsd.data import step_problems
+
+    items = list(range(5))
+    steps = [step_problems(items, s, 2, seed=3) for s in range(5)]  # 10 positions = 2 epochs of 5
+    first, second = sum(steps[:2], []) + steps[2][:1], steps[2][1:] + sum(steps[3:], [])
+    assert sorted(first) == items and sorted(second) == items  # each epoch is a permutation
+    assert steps == [step_problems(items, s, 2, seed=3) for s in range(5)]  # a pure function
+    whole = step_problems(items, 1, 4, seed=3)
+    assert step_problems(items, 1, 4, seed=3, rank=0, world=2) == whole[0::2]
+    assert step_problems(items, 1, 4, seed=3, rank=1, world=2) == whole[1::2]
