@@ -9,7 +9,7 @@ import pytest
 from skills_helpers import TEST_PROMPTS, FakeGenerator, fake_grade, mistake, skill
 from test_skills_pipeline import PROBLEMS, scripted_cold_start
 
-import sgsd.prompts
+import sgsd.skills.llm
 from sgsd.cli import main
 from sgsd.commands import bank as bank_cmd
 from sgsd.skills.bank import GeneralSkill, load_bank
@@ -19,8 +19,7 @@ from sgsd.skills.ledger import SkillLedger
 @pytest.fixture
 def scripted(monkeypatch):
     """Stand-ins for the generator, sampling params, problems, grader and prompt templates."""
-    for name in vars(TEST_PROMPTS):
-        monkeypatch.setattr(sgsd.prompts, name, getattr(TEST_PROMPTS, name), raising=False)
+    monkeypatch.setattr(sgsd.skills.llm, "DEFAULT_PROMPTS", TEST_PROMPTS)
     gen = FakeGenerator(scripted_cold_start)
     monkeypatch.setattr(bank_cmd, "_make_generator", lambda args: gen)
     monkeypatch.setattr(bank_cmd, "_sampling", lambda **kw: SimpleNamespace(**kw))

@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass, field
 
 from sgsd.skills.bank import SkillBank
-from sgsd.skills.llm import MISTAKE, SKILL, Kind, complete, prompt_function
+from sgsd.skills.llm import MISTAKE, SKILL, Kind, complete, prompt_set
 from sgsd.skills.merge import assign_ids, hierarchical_merge
 from sgsd.skills.parse import ParseStats, parse_items, strip_reasoning
 
@@ -72,7 +72,7 @@ def extract_candidates(
     """One extraction call per memory; the parsed items of every usable answer, in order."""
     if not memories:
         return []
-    render = prompt_function(prompts, kind.extraction_prompt)
+    render = kind.extraction_prompt(prompt_set(prompts))
     texts = complete(
         generator,
         [render(json.dumps(m, indent=2, ensure_ascii=False)) for m in memories],
@@ -132,7 +132,7 @@ def cold_start(
     `grade(pairs)`: [(completion, gold)] -> results with .correct and .extracted
     (e.g. functools.partial(sgsd.verifier.grade_many, timeout_s=5, workers=2))."""
     problems = list(problems)
-    memory_generation_prompt = prompt_function(prompts, "memory_generation_prompt")
+    memory_generation_prompt = prompt_set(prompts).memory_generation_prompt
     completions = complete(
         generator,
         [memory_generation_prompt(p.question) for p in problems],

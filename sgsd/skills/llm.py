@@ -3,15 +3,38 @@
 The skill pipeline runs any `sgsd.generation` generator (the training policy, an HF model, an
 OpenAI-compatible endpoint, or a scripted one in tests): `generator.generate(conversations,
 params, enable_thinking=...)` returns one list of completions per conversation; the first
-completion's `.text` is used. Prompt templates (Tables 6-10) come from `sgsd.prompts` unless a
-caller passes another namespace with the same functions.
+completion's `.text` is used. Prompt templates (Tables 6-10) come from `sgsd.prompts` (a
+`PromptSet`) unless a caller passes another set with the same fields.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
+from sgsd import prompts as _templates
 from sgsd.skills.bank import MISTAKE_FIELDS, SKILL_FIELDS
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """The templates the skill pipeline renders (Tables 6-10). The defaults are `sgsd.prompts`'; pass
+    another set (any object with these attributes) as `prompts=` to swap them."""
+
+    memory_generation_prompt: Callable[[str], str] = _templates.memory_generation_prompt
+    skill_extraction_prompt: Callable[[Any], str] = _templates.skill_extraction_prompt
+    mistake_extraction_prompt: Callable[[Any], str] = _templates.mistake_extraction_prompt
+    skill_merge_prompt: Callable[[Any], str] = _templates.skill_merge_prompt
+    mistake_merge_prompt: Callable[[Any], str] = _templates.mistake_merge_prompt
+
+
+DEFAULT_PROMPTS = PromptSet()
+
+
+def prompt_set(prompts=None):
+    """`prompts`, or the default `PromptSet` when None."""
+    return DEFAULT_PROMPTS if prompts is None else prompts
 
 
 @dataclass(frozen=True)
@@ -22,24 +45,18 @@ class Kind:
     key: str  # JSON key of the collection
     fields: tuple[str, ...]
     static_prefix: str  # gen | err
-    extraction_prompt: str  # name of the sgsd.prompts function
-    merge_prompt: str
+    extraction_prompt: Callable[[Any], Callable]  # prompt set -> this collection's extraction template
+    merge_prompt: Callable[[Any], Callable]  # prompt set -> this collection's merge template
 
 
-SKILL = Kind("skill", "general_skills", SKILL_FIELDS, "gen", "skill_extraction_prompt", "skill_merge_prompt")
+SKILL = Kind(
+    "skill", "general_skills", SKILL_FIELDS, "gen",
+    lambda p: p.skill_extraction_prompt, lambda p: p.skill_merge_prompt,
+)  # fmt: skip
 MISTAKE = Kind(
-    "mistake", "common_mistakes", MISTAKE_FIELDS, "err", "mistake_extraction_prompt", "mistake_merge_prompt"
-)
-
-
-def prompt_function(prompts, name: str):
-    """`prompts.<name>` (default module: sgsd.prompts), with a clear error if it is missing."""
-    if prompts is None:
-        import sgsd.prompts as prompts
-    fn = getattr(prompts, name, None)
-    if fn is None:
-        raise RuntimeError(f"{getattr(prompts, '__name__', prompts)} has no prompt function '{name}'")
-    return fn
+    "mistake", "common_mistakes", MISTAKE_FIELDS, "err",
+    lambda p: p.mistake_extraction_prompt, lambda p: p.mistake_merge_prompt,
+)  # fmt: skip
 
 
 def greedy_params(max_new_tokens: int):

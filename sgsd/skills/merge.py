@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sgsd.skills.bank import CommonMistake, GeneralSkill, make_mistake, make_skill
-from sgsd.skills.llm import SKILL, Kind, complete, prompt_function
+from sgsd.skills.llm import SKILL, Kind, complete, prompt_set
 from sgsd.skills.parse import ParseStats, parse_items
 
 
@@ -105,7 +105,7 @@ def hierarchical_merge(
 ) -> MergeResult:
     """Alg. 3 over `items` (dicts holding `kind.fields`); see the module docstring."""
     stats = stats if stats is not None else ParseStats()
-    render = prompt_function(prompts, kind.merge_prompt)
+    render = kind.merge_prompt(prompt_set(prompts))
     current = [{f: it[f] for f in kind.fields} for it in items]
     layers: list[dict] = []
     stagnant = 0
