@@ -686,7 +686,7 @@ def run_probe(cfg, out_dir: str | Path, analyse_only: bool = False, show=print) 
     for i in range(n_rounds):
         path = out_dir / "rounds" / f"round-{i:03d}.pt"
         if path.exists():
-            saved = torch.load(path, weights_only=False)
+            saved = torch.load(path, weights_only=True)  # tensors, lists, strings: no pickled code
             if saved.get("fingerprint") == _fingerprint(cfg, planted, i):
                 rounds[i] = saved
     if rounds:

@@ -1,7 +1,7 @@
 """Untrusted text stays text: no evaluation as code, no template injection, no path escape.
 
-Allow-listed: `torch.load` of our own `trainer_state.pt` in sgsd/checkpoint.py, and it uses
-`weights_only=True` (tested in tests/test_reliability_disk.py).
+Allow-listed: `torch.load` of our own `trainer_state.pt` in sgsd/checkpoint.py and of the probe's saved
+rounds in sgsd/probe.py, both with `weights_only=True` (tested in tests/test_reliability_disk.py and here).
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ FORBIDDEN = {
     "os.system(": re.compile(r"os\.system\("),
     "torch.load(": re.compile(r"torch\.load\("),
 }
-ALLOWED = {("torch.load(", "checkpoint.py")}  # our own checkpoint, read with weights_only=True
+# our own checkpoint and the probe's saved rounds, read with weights_only=True
+ALLOWED = {("torch.load(", "checkpoint.py"), ("torch.load(", "probe.py")}
 
 
 def _code_lines(path: Path):
@@ -53,8 +54,9 @@ def test_no_untrusted_text_is_evaluated_as_code():
     assert hits == []
 
 
-def test_the_allowed_torch_load_uses_weights_only():
-    text = (PACKAGE / "checkpoint.py").read_text()
+@pytest.mark.parametrize("module", ["checkpoint.py", "probe.py"])
+def test_the_allowed_torch_load_uses_weights_only(module):
+    text = (PACKAGE / module).read_text()
     calls = re.findall(r"torch\.load\([^)]*\)", text)
     assert calls and all("weights_only=True" in c for c in calls)
 
