@@ -277,21 +277,32 @@ def score_teachers(
     teacher_mask = _teacher_mask(teacher_prompt_ids, width_k, device)  # [B, K]
     if width_t == 0:
         return logp, teacher_mask
+    for pairs, packed in _teacher_chunks(teacher_prompt_ids, completion_ids, chunk_rows, pad_id, device):
+        hidden = _completion_hidden(parts, packed)  # [N, H]
+        flat = _chunked_token_logp(parts, hidden, packed.targets[packed.valid], chunk_size * len(pairs))
+        _put_rows(logp, pairs, packed, flat)
+    return logp, teacher_mask
+
+
+def _teacher_chunks(teacher_prompt_ids, completion_ids, chunk_rows: int, pad_id: int, device):
+    """(problem, teacher) pairs `chunk_rows` at a time, longest prompts first, each with its packed
+    batch; chunks whose completions are all empty are skipped."""
     order = _teacher_rows(teacher_prompt_ids)
     for a, b in _chunks(len(order), chunk_rows):
         pairs = order[a:b]
         completions = [completion_ids[p] for p, _ in pairs]
         if max(len(c) for c in completions) == 0:
             continue
-        packed = _pack([teacher_prompt_ids[p][k] for p, k in pairs], completions, pad_id, device)
-        hidden = _completion_hidden(parts, packed)  # [N, H]
-        flat = _chunked_token_logp(parts, hidden, packed.targets[packed.valid], chunk_size * len(pairs))
-        chunk_logp = torch.zeros(packed.valid.shape, dtype=torch.float32, device=device)  # [r, T_chunk]
-        chunk_logp[packed.valid] = flat
-        problems = torch.tensor([p for p, _ in pairs], device=device)
-        teachers = torch.tensor([k for _, k in pairs], device=device)
-        logp[problems, teachers, : chunk_logp.shape[1]] = chunk_logp
-    return logp, teacher_mask
+        yield pairs, _pack([teacher_prompt_ids[p][k] for p, k in pairs], completions, pad_id, device)
+
+
+def _put_rows(target: torch.Tensor, pairs, packed: _Packed, flat: torch.Tensor) -> None:
+    """Scatter a chunk's per-token values `flat` [N] (packed order) into `target` [B, K, T]."""
+    grid = torch.zeros(packed.valid.shape, dtype=torch.float32, device=target.device)  # [r, T_chunk]
+    grid[packed.valid] = flat
+    problems = torch.tensor([p for p, _ in pairs], device=target.device)
+    teachers = torch.tensor([k for _, k in pairs], device=target.device)
+    target[problems, teachers, : grid.shape[1]] = grid
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -429,13 +440,7 @@ def score_teachers_expected(
     lengths = [len(c) for c in completion_ids]
     offsets = [sum(lengths[:b]) for b in range(rows)]
     context = teacher_context if teacher_context else contextlib.nullcontext
-    order = _teacher_rows(teacher_prompt_ids)
-    for a, b in _chunks(len(order), chunk_rows):
-        pairs = order[a:b]
-        completions = [completion_ids[p] for p, _ in pairs]
-        if max(len(c) for c in completions) == 0:
-            continue
-        packed = _pack([teacher_prompt_ids[p][k] for p, k in pairs], completions, pad_id, device)
+    for pairs, packed in _teacher_chunks(teacher_prompt_ids, completion_ids, chunk_rows, pad_id, device):
         with context():
             teacher_hidden = _completion_hidden(parts, packed)  # [N, H]
         tokens = packed.targets[packed.valid]  # [N]
@@ -450,12 +455,8 @@ def score_teachers_expected(
             )  # fmt: skip
             flat_logp.append(lp)
             flat_b.append(base)
-        problems = torch.tensor([p for p, _ in pairs], device=device)
-        teachers = torch.tensor([k for _, k in pairs], device=device)
-        for target, flat in ((logp, flat_logp), (baseline, flat_b)):
-            grid = torch.zeros(packed.valid.shape, dtype=torch.float32, device=device)  # [r, T_chunk]
-            grid[packed.valid] = torch.cat(flat)
-            target[problems, teachers, : grid.shape[1]] = grid
+        _put_rows(logp, pairs, packed, torch.cat(flat_logp))
+        _put_rows(baseline, pairs, packed, torch.cat(flat_b))
     return logp, teacher_mask, baseline
 
 
