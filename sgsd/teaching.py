@@ -85,19 +85,26 @@ def teacher_texts(spec: MethodSpec, problem, pairs: list, teachers_cfg):
 
 
 def build_teacher_batch(spec: MethodSpec, rollouts: list, tokenizer, cfg, device) -> TeacherBatch:
-    """The teachers of `rollouts` (each with `.problem` and `.pairs`) under config `cfg`."""
+    """The teachers of `rollouts` (each with `.problem` and `.pairs`) under config `cfg`. All teacher
+    prompts of the micro-batch (and the null teacher's, for `support_estimator=null_relative`) are
+    rendered and tokenized in one `teacher_prompt_ids` call."""
     t = cfg.teachers
     texts, scores, ledger_pairs = zip(*(teacher_texts(spec, r.problem, r.pairs, t) for r in rollouts))
-    ids = [
-        teacher_prompt_ids(
-            tokenizer,
-            list(x),
-            student_enable_thinking=cfg.rollout.enable_thinking,
-            teacher_enable_thinking=t.enable_thinking,
-            align_think_block=t.align_think_block,
-        )
-        for x in texts
-    ]
+    null_texts = []
+    if cfg.objective.support_estimator == "null_relative":  # same template, content-free guidance
+        null_texts = [null_teacher_prompt(r.problem.question, r.problem.answer if t.include_answer else None)
+                      for r in rollouts]  # fmt: skip
+    flat = teacher_prompt_ids(
+        tokenizer,
+        [x for row in texts for x in row] + null_texts,
+        student_enable_thinking=cfg.rollout.enable_thinking,
+        teacher_enable_thinking=t.enable_thinking,
+        align_think_block=t.align_think_block,
+    )
+    ids, start = [], 0
+    for row in texts:  # back to [B][K]
+        ids.append(flat[start : start + len(row)])
+        start += len(row)
     k = max(1, max(len(x) for x in texts))
     retrieval = torch.zeros(len(rollouts), k, device=device)  # [B, K]
     mask = torch.zeros(len(rollouts), k, dtype=torch.bool, device=device)  # [B, K]
@@ -105,15 +112,7 @@ def build_teacher_batch(spec: MethodSpec, rollouts: list, tokenizer, cfg, device
         retrieval[b, : len(s)] = torch.tensor(s, dtype=torch.float32)
         mask[b, : len(s)] = True
     weights = teacher_weights(retrieval, mask, cfg.skills.weight_temperature)  # [B, K]
-    null_ids = None
-    if cfg.objective.support_estimator == "null_relative":  # same template, content-free guidance
-        texts = [
-            null_teacher_prompt(r.problem.question, r.problem.answer if t.include_answer else None)
-            for r in rollouts
-        ]
-        null_ids = teacher_prompt_ids(tokenizer, texts, student_enable_thinking=cfg.rollout.enable_thinking,
-                                      teacher_enable_thinking=t.enable_thinking, align_think_block=t.align_think_block)  # fmt: skip
-    return TeacherBatch(ids, weights, mask, list(ledger_pairs), null_ids)
+    return TeacherBatch(ids, weights, mask, list(ledger_pairs), flat[start:] if null_texts else None)
 
 
 def completion_valid(completion_ids: list[list[int]], device) -> torch.Tensor:
