@@ -17,7 +17,7 @@ class Policy:
     model: Any  # the (LoRA-wrapped) causal LM, trained in place
     tokenizer: Any
     teacher: Any  # sgsd.models.TeacherPolicy: which weights the teachers score with
-    generator: Any  # rollouts and in-loop evaluation (hf: the model itself; vllm: an engine)
+    generator: Any  # rollouts and in-loop evaluation (hf: the model; vllm: an engine; vllm_server: a client)
 
     def __iter__(self):  # model, tokenizer, teacher, generator = build_policy(...)
         return iter((self.model, self.tokenizer, self.teacher, self.generator))
@@ -30,11 +30,15 @@ def build_policy(cfg: Config, device, show_progress: bool = False) -> Policy:
     from sgsd.models import TeacherPolicy, apply_lora, load_policy, resolve_model_path
 
     m, r, t = cfg.model, cfg.rollout, cfg.teachers
-    if r.backend == "vllm" and m.lora_rank == 0:
+    if r.backend in ("vllm", "vllm_server") and m.lora_rank == 0:
         raise UserError(
-            "rollout.backend=vllm syncs the policy into vLLM as a LoRA adapter; "
+            f"rollout.backend={r.backend} syncs the policy into vLLM as a LoRA adapter; "
             "it needs model.lora_rank > 0 (or use rollout.backend=hf)"
         )
+    if r.backend == "vllm_server":  # fail before the model load when the server is not there
+        server = make_generator("vllm_server", base_url=r.vllm_server_url, tokenizer=None,
+                                timeout_s=r.vllm_server_timeout_s)  # fmt: skip
+        server.check()
     model, tokenizer = load_policy(
         m.name, dtype=m.dtype, cache_dir=m.cache_dir, attn_implementation=m.attn_implementation
     )
@@ -56,6 +60,9 @@ def build_policy(cfg: Config, device, show_progress: bool = False) -> Policy:
             gpu_memory_utilization=r.vllm_gpu_memory_utilization,
             dtype=m.dtype,
         )
+    elif r.backend == "vllm_server":
+        server.tokenizer = tokenizer
+        generator = server
     else:
         generator = HFGenerator(
             model, tokenizer, batch_size=r.batch_size, merged=r.merged_generation, progress=show_progress

@@ -70,9 +70,13 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
-    # generator backend for student rollouts (and evaluation during training): hf (transformers), or vllm
-    # (GPU extra; a colocated engine that samples with the LoRA adapter saved after every step)
-    backend: Literal["hf", "vllm"] = "hf"
+    # generator backend for student rollouts (and evaluation during training): hf (transformers); vllm (GPU
+    # extra; a colocated engine in this process that samples with the LoRA adapter saved after every
+    # step); vllm_server (a separately started `vllm serve MODEL --enable-lora` at rollout.vllm_server_url:
+    # after every step the adapter is saved to RUN/rollout-adapter and loaded into the server, which must
+    # see that folder at the same absolute path, i.e. a shared filesystem; README "vLLM: colocated or as
+    # a server")
+    backend: Literal["hf", "vllm", "vllm_server"] = "hf"
     # sampling temperature (paper, SGSD/OPSD: 1.1; GRPO: 1.2)
     temperature: float = 1.1
     # nucleus sampling (1.0 disables)
@@ -93,6 +97,11 @@ class RolloutConfig:
     merged_generation: bool = True
     # fraction of GPU memory for a colocated vLLM engine
     vllm_gpu_memory_utilization: float = 0.4
+    # vllm_server: the server's base URL, e.g. http://gpu-host:8000 (a trailing /v1 is accepted); also
+    # used by `sgsd eval` with eval.backend=vllm_server
+    vllm_server_url: str = ""
+    # vllm_server: seconds to wait for one request (a batch of rollouts is one request)
+    vllm_server_timeout_s: float = 3600.0
 
 
 @dataclass
@@ -310,8 +319,9 @@ class EvalConfig:
     enable_thinking: bool = True
     # Base+Skill: retrieved skills in the evaluation prompt
     with_skills: bool = False
-    # generator backend for evaluation
-    backend: Literal["hf", "vllm"] = "hf"
+    # generator backend of `sgsd eval` (evaluation during training samples with rollout.backend): hf, vllm
+    # (a colocated engine), or vllm_server (the server at rollout.vllm_server_url)
+    backend: Literal["hf", "vllm", "vllm_server"] = "hf"
     # sequences generated at once by the hf backend
     batch_size: int = 32
 
@@ -370,6 +380,7 @@ RANGES: dict[tuple[str, str], tuple[Any, str]] = {
     ("rollout", "num_generations"): _AT_LEAST_ONE,
     ("rollout", "batch_size"): _AT_LEAST_ONE,
     ("rollout", "vllm_gpu_memory_utilization"): _UNIT,
+    ("rollout", "vllm_server_timeout_s"): _POSITIVE,
     ("verifier", "timeout_s"): _POSITIVE,
     ("verifier", "workers"): _NON_NEGATIVE,
     ("skills", "weight_temperature"): _POSITIVE,
@@ -549,6 +560,14 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("objective.support_estimator=teacher_centred needs teachers.count >= 2")
     if cfg.objective.support_estimator == "expected" and cfg.objective.support != "full":
         raise ConfigError("objective.support_estimator=expected needs objective.support=full")
+    if "vllm_server" in (cfg.rollout.backend, cfg.eval.backend):
+        url = cfg.rollout.vllm_server_url
+        if not url.startswith(("http://", "https://")):
+            backend = "rollout" if cfg.rollout.backend == "vllm_server" else "eval"
+            raise ConfigError(
+                f"{backend}.backend=vllm_server needs rollout.vllm_server_url, the server's http(s):// URL "
+                f"(e.g. http://gpu-host:8000), got {url!r}"
+            )
     if cfg.skills.extractor == "openai" and not cfg.skills.extractor_base_url:
         raise ConfigError("skills.extractor=openai needs skills.extractor_base_url")
     if cfg.train.method == "sgsd" and cfg.teachers.count > retrieval_top_k(cfg):

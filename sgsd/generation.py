@@ -1,4 +1,5 @@
-"""Generators: one small interface over transformers, vLLM, OpenAI-compatible endpoints and scripts.
+"""Generators: one small interface over transformers, vLLM (a colocated engine or a separate server),
+OpenAI-compatible endpoints and scripts.
 
     generator = make_generator("hf", model=model, tokenizer=tokenizer)
     params = SamplingParams(temperature=1.1, top_p=0.95, top_k=20, max_new_tokens=1024, n=4, seed=0)
@@ -18,9 +19,11 @@ is cut just before the string (the OpenAI/vLLM convention).
 from __future__ import annotations
 
 import itertools
+import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, Protocol
 
 from sgsd.errors import ConfigError, UserError
@@ -552,6 +555,226 @@ class VLLMGenerator:
 
 
 # ---------------------------------------------------------------------------------------------
+# vLLM as a separate server (`vllm serve MODEL --enable-lora`)
+
+
+class VLLMServerError(UserError):
+    """The vLLM server answered a request with an HTTP error (`status`, the server's `message`)."""
+
+    def __init__(self, text: str, status: int, message: str):
+        super().__init__(text)
+        self.status, self.message = status, message
+
+
+class VLLMServerGenerator:
+    """Sampling from a separately started vLLM OpenAI-compatible server that serves the base model and
+    loads the policy's LoRA adapter at runtime.
+
+        generator = VLLMServerGenerator("http://gpu-host:8000", tokenizer)
+        generator.check()                                   # GET /v1/models: reachable, base model name
+        generator.load_adapter("sgsd-ab12-step-3", "/shared/run/rollout-adapter")
+        completions = generator.generate(conversations, params)
+
+    `load_adapter` posts the folder to `/v1/load_lora_adapter` (the server reads it from ITS filesystem,
+    so the path must be visible there; it is sent absolute), unloads the adapter this generator loaded
+    before (`/v1/unload_lora_adapter`), and samples with the new name from then on; `use_adapter(name)`
+    samples with an adapter another process loaded; `use_base()` with the base model. The server must run
+    with `--enable-lora --max-lora-rank R` (R >= the adapter's rank) and the environment variable
+    `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`, which enables the two endpoints.
+
+    Prompts are rendered and tokenized here exactly as the hf backend does and sent as token ids to
+    `/v1/completions` with `return_token_ids` (vLLM >= 0.10.2), so `Completion.token_ids` are the ids
+    the server sampled, the final end-of-sequence token included. `VLLM_API_KEY` in the environment is
+    sent as a bearer token (the key of `vllm serve --api-key`). Every failure (unreachable server, HTTP
+    error, timeout, malformed answer) is a `UserError` naming the URL and what went wrong.
+    """
+
+    def __init__(self, base_url: str, tokenizer, timeout_s: float = 3600.0, api_key: str | None = None):
+        url = base_url.rstrip("/")
+        self.base_url = url[: -len("/v1")] if url.endswith("/v1") else url  # routes below carry /v1
+        self.tokenizer = tokenizer
+        self.timeout_s = timeout_s
+        self.api_key = api_key or os.environ.get("VLLM_API_KEY")
+        self.model: str | None = None  # the name sampled with: an adapter, or None for the base model
+        self.loaded: str | None = None  # the adapter this generator loaded (and will unload)
+        self._base_model: str | None = None
+
+    # -- adapters
+
+    def check(self) -> str:
+        """Ask the server for its models (fails early when it is unreachable); returns the base model's name."""
+        data = self._json("GET", "/v1/models")
+        cards = data.get("data") if isinstance(data, dict) else None
+        if not isinstance(cards, list):
+            raise UserError(
+                f"vLLM server {self.base_url}/v1/models: expected a list under 'data', got {data!r:.200}"
+            )
+        base = [c["id"] for c in cards if isinstance(c, dict) and "id" in c and not c.get("parent")]
+        if not base:
+            raise UserError(f"vLLM server {self.base_url}/v1/models lists no base model: {cards!r:.200}")
+        self._base_model = base[0]
+        return self._base_model
+
+    def load_adapter(self, name: str, path: str | os.PathLike) -> None:
+        """Load the adapter folder `path` under `name`, unload the previous one, and sample with `name`."""
+        body = {"lora_name": name, "lora_path": str(Path(path).resolve())}
+        try:
+            self._send("POST", "/v1/load_lora_adapter", body)
+        except VLLMServerError as exc:
+            if exc.status != 400 or "already" not in exc.message:
+                raise
+            # a name left loaded by an interrupted run (resume): replace it with this folder
+            self._send("POST", "/v1/unload_lora_adapter", {"lora_name": name})
+            self._send("POST", "/v1/load_lora_adapter", body)
+        previous, self.loaded, self.model = self.loaded, name, name
+        if previous is not None and previous != name:
+            self._send("POST", "/v1/unload_lora_adapter", {"lora_name": previous})
+
+    def use_adapter(self, name: str) -> None:
+        """Sample with an adapter that another process loaded into the server under `name`."""
+        self.model = name
+
+    def use_base(self) -> None:
+        """Sample with the base model (the server's model without an adapter)."""
+        self.model = None
+
+    def unload(self) -> None:
+        """Unload the adapter this generator loaded, if any (the end of a run)."""
+        if self.loaded is not None:
+            name, self.loaded = self.loaded, None
+            if self.model == name:
+                self.model = None
+            self._send("POST", "/v1/unload_lora_adapter", {"lora_name": name})
+
+    # -- sampling
+
+    def generate(
+        self, conversations: Sequence[Conversation], params: SamplingParams, enable_thinking: bool = False
+    ) -> list[list[Completion]]:
+        prompts = [
+            self.tokenizer(render_chat(self.tokenizer, c, enable_thinking), add_special_tokens=False)[
+                "input_ids"
+            ]
+            for c in conversations
+        ]
+        if not prompts:
+            return []
+        model = self.model if self.model is not None else (self._base_model or self.check())
+        body = {
+            "model": model,
+            "prompt": prompts,
+            "n": params.n,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "top_k": params.top_k if params.top_k > 0 else -1,
+            "max_tokens": params.max_new_tokens,
+            "return_token_ids": True,
+            "skip_special_tokens": True,
+        }
+        if params.seed is not None:
+            body["seed"] = params.seed
+        if params.stop:
+            body["stop"] = list(params.stop)
+        data = self._json("POST", "/v1/completions", body)
+        choices = data.get("choices") if isinstance(data, dict) else None
+        where = f"vLLM server {self.base_url}/v1/completions"
+        if not isinstance(choices, list) or len(choices) != len(prompts) * params.n:
+            got = len(choices) if isinstance(choices, list) else repr(choices)[:200]
+            raise UserError(f"{where}: expected {len(prompts) * params.n} choices, got {got}")
+        # vLLM numbers the choices prompt by prompt: index = prompt * n + sample
+        choices = sorted(choices, key=lambda c: c.get("index", 0) if isinstance(c, dict) else 0)
+        completions = [self._completion(c, where) for c in choices]
+        return [
+            [
+                Completion(
+                    prompt_ids=list(ids), token_ids=c.token_ids, text=c.text, finish_reason=c.finish_reason
+                )
+                for c in completions[i * params.n : (i + 1) * params.n]
+            ]
+            for i, ids in enumerate(prompts)
+        ]
+
+    @staticmethod
+    def _completion(choice, where: str) -> Completion:
+        if not isinstance(choice, dict):
+            raise UserError(f"{where}: a choice is not an object: {choice!r:.200}")
+        ids, text, finish = choice.get("token_ids"), choice.get("text"), choice.get("finish_reason")
+        if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
+            raise UserError(
+                f"{where}: a choice has no token_ids list ({ids!r:.100}); the server must honour "
+                "return_token_ids (vLLM >= 0.10.2)"
+            )
+        if not isinstance(text, str):
+            raise UserError(f"{where}: a choice has no text: {choice!r:.200}")
+        if finish not in ("stop", "length"):
+            raise UserError(f"{where}: a choice finished with {finish!r}, not 'stop' or 'length'")
+        return Completion(prompt_ids=None, token_ids=ids, text=text, finish_reason=finish)
+
+    # -- HTTP
+
+    def _json(self, method: str, route: str, body: dict | None = None):
+        raw = self._send(method, route, body)
+        try:
+            return json.loads(raw)
+        except ValueError as exc:
+            raise UserError(
+                f"vLLM server {self.base_url}{route} returned malformed JSON ({exc}): {raw[:200]!r}"
+            ) from exc
+
+    def _send(self, method: str, route: str, body: dict | None = None) -> bytes:
+        """One request; the answer's body, or a UserError naming the URL and the problem."""
+        import urllib.error
+        import urllib.request
+
+        url = self.base_url + route
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        data = None if body is None else json.dumps(body).encode("utf-8")
+        request = urllib.request.Request(url, data=data, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                return response.read()
+        except urllib.error.HTTPError as exc:
+            message = _server_message(exc.read())
+            hint = ""
+            if exc.code == 404 and "lora_adapter" in route:
+                hint = (
+                    " (runtime LoRA loading is off: start the server with --enable-lora and the "
+                    "environment variable VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)"
+                )
+            raise VLLMServerError(
+                f"vLLM server {url} answered HTTP {exc.code}: {message}{hint}", exc.code, message
+            ) from exc
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            if isinstance(reason, TimeoutError) or isinstance(exc, TimeoutError):
+                raise UserError(
+                    f"vLLM server {url} did not answer within {self.timeout_s:g} s "
+                    "(rollout.vllm_server_timeout_s)"
+                ) from exc
+            raise UserError(
+                f"cannot reach the vLLM server at {url}: {reason} (is `vllm serve` running?)"
+            ) from exc
+
+
+def _server_message(raw: bytes) -> str:
+    """The message of an error answer: vLLM's {"error": {"message"}} or {"message"}, FastAPI's
+    {"detail"}, or the start of the body."""
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return raw[:300].decode("utf-8", "replace").strip() or "(empty body)"
+    if isinstance(data, dict):
+        error = data.get("error")
+        for value in (error.get("message") if isinstance(error, dict) else error, data.get("message"),
+                      data.get("detail")):  # fmt: skip
+            if value:
+                return str(value)
+    return json.dumps(data)[:300]
+
+
+# ---------------------------------------------------------------------------------------------
 # OpenAI-compatible chat endpoints
 
 
@@ -664,10 +887,11 @@ class ScriptedGenerator:
 
 def make_generator(backend: str, **kwargs) -> Generator:
     """Build a generator: "hf" (model, tokenizer, batch_size, merged, progress), "vllm" (model_path, tokenizer, ...),
-    "openai" (model, base_url, api_key) or "scripted" (responses)."""
+    "vllm_server" (base_url, tokenizer, timeout_s), "openai" (model, base_url, api_key) or "scripted" (responses)."""
     backends = {
         "hf": HFGenerator,
         "vllm": VLLMGenerator,
+        "vllm_server": VLLMServerGenerator,
         "openai": OpenAIChatGenerator,
         "scripted": ScriptedGenerator,
     }

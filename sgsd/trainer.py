@@ -111,18 +111,57 @@ class Trainer:
             self._resume()
         self.acc.wait_for_everyone()
 
-    def _policy_generator(self):
+    def _policy_generator(self, all_ranks: bool = False):
         """The generator, sampling with the current weights. hf samples from the policy itself; a vllm
         engine holds its own copy of the base model, so after every optimizer step (and after a resume)
         the trainable adapter is saved to RUN/rollout-adapter and registered with the engine under a
-        new LoRA id before the engine is used again."""
-        if self.cfg.rollout.backend == "vllm" and self._synced_step != self.step:
+        new LoRA id before the engine is used again.
+
+        vllm_server: the main process saves the adapter to RUN/rollout-adapter and loads it into the
+        server as `sgsd-<run>-step-<N>` (unloading the previous step's); the other ranks, whose weights
+        are identical, sample with that name. `all_ranks=True` (the rollouts, which every rank samples)
+        makes them wait until the main process has loaded it; evaluation and the bank update run on the
+        main process alone and pass False."""
+        backend = self.cfg.rollout.backend
+        if backend == "vllm" and self._synced_step != self.step:
             from sgsd.models import save_adapter
 
             rank = f"-rank{self.acc.process_index}" if self.acc.num_processes > 1 else ""
             self.generator.sync_adapter(save_adapter(self.model, self.run_dir / f"rollout-adapter{rank}"))
             self._synced_step = self.step
+        elif backend == "vllm_server":
+            if self._synced_step != self.step:
+                name = f"{self._adapter_prefix}-step-{self.step}"
+                if self.is_main:
+                    from sgsd.models import save_adapter
+
+                    self.generator.load_adapter(
+                        name, save_adapter(self.model, self.run_dir / "rollout-adapter")
+                    )
+                else:
+                    self.generator.use_adapter(name)
+                self._synced_step = self.step
+            if all_ranks and self.acc.num_processes > 1:
+                self.acc.wait_for_everyone()  # this step's adapter is loaded before any rank samples
         return self.generator
+
+    @property
+    def _adapter_prefix(self) -> str:
+        """The server-side adapter names' prefix: the same on every rank and across resumes of this run
+        folder, different for another run sharing the server."""
+        import hashlib
+
+        return "sgsd-" + hashlib.sha1(str(self.run_dir.resolve()).encode()).hexdigest()[:10]
+
+    def _release_server_adapter(self) -> None:
+        """vllm_server, at the end of train(): unload this run's adapter from the server (best effort)."""
+        if self.cfg.rollout.backend != "vllm_server" or not self.is_main:
+            return
+        self._synced_step = None  # a later use loads the adapter again
+        try:
+            self.generator.unload()
+        except UserError as exc:
+            print(f"warning: could not unload the rollout adapter from the vLLM server: {exc}")
 
     # ------------------------------------------------------------------ the loop
 
@@ -134,6 +173,7 @@ class Trainer:
             return self._train_loop()
         finally:
             self.trackers.close()
+            self._release_server_adapter()
 
     def _train_loop(self) -> dict:
         from tqdm.auto import tqdm
@@ -226,7 +266,8 @@ class Trainer:
         ]
         seed = self.cfg.train.seed * 7919 + round_index * 104_729 + self.acc.process_index
         params = sampling_params(r, n=r.num_generations, seed=seed)
-        outputs = self._policy_generator().generate(texts, params, enable_thinking=r.enable_thinking)
+        generator = self._policy_generator(all_ranks=True)
+        outputs = generator.generate(texts, params, enable_thinking=r.enable_thinking)
         return [
             Rollout(
                 problem,

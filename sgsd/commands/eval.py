@@ -109,6 +109,7 @@ def run(args) -> int:
                 out / f"{source_slug(name)}.jsonl",
                 **common,
             )
+        factory.close()
         summary = {"step": None, "checkpoint": args.adapter or cfg.model.name, "results": results}
         atomic_write_json(out / "summary.json", summary)
         _print_table({"-": summary})
@@ -119,6 +120,7 @@ def run(args) -> int:
         run_dir, problems, factory, k, params, cfg.eval.enable_thinking,
         validation_sources=args.validation_sources, steps=steps, out_dir=out, **common,
     )  # fmt: skip
+    factory.close()
     _print_table(result["summaries"])
     sel = result["selection"]
     best = sel["best_on_test"]
@@ -154,13 +156,16 @@ def _parse_checkpoints(spec: str, out_dir, test_slugs: list[str]) -> list[int] |
 
 def _generator_factory(cfg):
     """adapter folder (or None for the base model) -> generator. hf reloads the model per checkpoint;
-    vllm keeps one engine and swaps the LoRA adapter."""
+    vllm keeps one engine and swaps the LoRA adapter; vllm_server loads each adapter into the server at
+    rollout.vllm_server_url (unloading the previous one) or samples its base model."""
     from sgsd.generation import make_generator
     from sgsd.models import load_policy, resolve_model_path
 
     state = {}
 
     def factory(adapter):
+        if cfg.eval.backend == "vllm_server":
+            return _server_generator(cfg, state, adapter)
         if cfg.eval.backend == "vllm":
             if "vllm" not in state:
                 from transformers import AutoTokenizer
@@ -185,7 +190,39 @@ def _generator_factory(cfg):
         )  # fmt: skip
         return state["hf"]
 
+    def close():  # vllm_server: leave no adapter of this evaluation loaded in the server
+        if "server" in state:
+            state["server"].unload()
+
+    factory.close = close
     return factory
+
+
+def _server_generator(cfg, state: dict, adapter):
+    """The vllm_server generator (one client for the whole sweep) set to sample with `adapter` (a folder,
+    loaded under a name derived from its absolute path) or with the base model (None)."""
+    import hashlib
+    from pathlib import Path
+
+    from sgsd.generation import make_generator
+    from sgsd.models import resolve_model_path
+
+    if "server" not in state:
+        from transformers import AutoTokenizer
+
+        r = cfg.rollout
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.name, cfg.model.cache_dir))
+        state["server"] = make_generator(
+            "vllm_server", base_url=r.vllm_server_url, tokenizer=tokenizer, timeout_s=r.vllm_server_timeout_s
+        )
+        state["server"].check()
+    server = state["server"]
+    if adapter is None:
+        server.use_base()
+    else:
+        path = Path(adapter).resolve()
+        server.load_adapter(f"sgsd-eval-{hashlib.sha1(str(path).encode()).hexdigest()[:10]}", path)
+    return server
 
 
 def _skill_prompt_fn(cfg):
