@@ -628,7 +628,7 @@ class VLLMServerGenerator:
             self._send("POST", "/v1/load_lora_adapter", body)
         previous, self.loaded, self.model = self.loaded, name, name
         if previous is not None and previous != name:
-            self._send("POST", "/v1/unload_lora_adapter", {"lora_name": previous})
+            self._unload(previous)
 
     def use_adapter(self, name: str) -> None:
         """Sample with an adapter that another process loaded into the server under `name`."""
@@ -644,7 +644,14 @@ class VLLMServerGenerator:
             name, self.loaded = self.loaded, None
             if self.model == name:
                 self.model = None
+            self._unload(name)
+
+    def _unload(self, name: str) -> None:
+        try:
             self._send("POST", "/v1/unload_lora_adapter", {"lora_name": name})
+        except VLLMServerError as exc:
+            if exc.status != 404:  # 404: already gone (e.g. the server restarted), nothing to free
+                raise
 
     # -- sampling
 
@@ -683,19 +690,11 @@ class VLLMServerGenerator:
             raise UserError(f"{where}: expected {len(prompts) * params.n} choices, got {got}")
         # vLLM numbers the choices prompt by prompt: index = prompt * n + sample
         choices = sorted(choices, key=lambda c: c.get("index", 0) if isinstance(c, dict) else 0)
-        completions = [self._completion(c, where) for c in choices]
-        return [
-            [
-                Completion(
-                    prompt_ids=list(ids), token_ids=c.token_ids, text=c.text, finish_reason=c.finish_reason
-                )
-                for c in completions[i * params.n : (i + 1) * params.n]
-            ]
-            for i, ids in enumerate(prompts)
-        ]
+        completions = [self._completion(c, prompts[k // params.n], where) for k, c in enumerate(choices)]
+        return [completions[i * params.n : (i + 1) * params.n] for i in range(len(prompts))]
 
     @staticmethod
-    def _completion(choice, where: str) -> Completion:
+    def _completion(choice, prompt_ids: list[int], where: str) -> Completion:
         if not isinstance(choice, dict):
             raise UserError(f"{where}: a choice is not an object: {choice!r:.200}")
         ids, text, finish = choice.get("token_ids"), choice.get("text"), choice.get("finish_reason")
@@ -708,7 +707,7 @@ class VLLMServerGenerator:
             raise UserError(f"{where}: a choice has no text: {choice!r:.200}")
         if finish not in ("stop", "length"):
             raise UserError(f"{where}: a choice finished with {finish!r}, not 'stop' or 'length'")
-        return Completion(prompt_ids=None, token_ids=ids, text=text, finish_reason=finish)
+        return Completion(prompt_ids=list(prompt_ids), token_ids=ids, text=text, finish_reason=finish)
 
     # -- HTTP
 

@@ -121,6 +121,21 @@ def test_a_name_already_loaded_is_replaced(tokenizer, tmp_path):
     assert server.unloads == ["run-step-3"]
 
 
+def test_an_adapter_the_server_already_forgot_is_not_an_error_to_unload(tokenizer, tmp_path):
+    """A restarted server no longer holds the previous adapter: loading the next one still works."""
+    with FakeVLLMServer(lambda p, j: [7]) as server:
+        generator = VLLMServerGenerator(server.url, tokenizer)
+        generator.load_adapter("step-1", _adapter(tmp_path / "a", 1.0))
+        server.loaded.clear()  # the restart
+        generator.load_adapter("step-2", _adapter(tmp_path / "b", 2.0))
+        generator.unload()
+        assert server.loaded == {} and server.unloads == ["step-2"]
+        server.fail["/v1/unload_lora_adapter"] = (500, b'{"error": {"message": "engine dead"}}')
+        generator.load_adapter("step-3", _adapter(tmp_path / "c", 3.0))
+        with pytest.raises(UserError, match="HTTP 500: engine dead"):  # other errors are not swallowed
+            generator.unload()
+
+
 # ---- errors ------------------------------------------------------------------------------------
 
 
