@@ -29,6 +29,7 @@ import io
 import json
 import math
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -350,6 +351,15 @@ def _fmt_auc(row) -> str:
     return f"{row['auc']:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
+def _cost_lines(cost: dict) -> list[str]:
+    if not cost:
+        return []
+    parts = [
+        f"{phase} {c['wall_s'] / 60:.1f} min wall, {c['cpu_s'] / 60:.1f} CPU-min" for phase, c in cost.items()
+    ]
+    return ["Cost: " + "; ".join(parts) + "."]
+
+
 def render_markdown(result: dict) -> str:
     """The probe's tables as markdown (also what the terminal shows)."""
     g = result["gaps"]
@@ -360,6 +370,7 @@ def render_markdown(result: dict) -> str:
         f"eps_a = {result['threshold']}, c = {result['clip']}.",
         f"Gaps over kept tokens: mean Δ {_fmt(g['mean_delta'], 4)}, mean expected gap b "
         f"{_fmt(g['mean_baseline'], 4)}, mean |Δ| {g['mean_abs_delta']:.4f}.",
+        *_cost_lines(result.get("cost", {})),
         "",
         "| estimator | support, correct | support, wrong | AUC [95% CI] | helpful | warning | misleading "
         "| over-suppr. | neutral | mean abs gap | Spearman with length |",
@@ -528,6 +539,35 @@ def problem_order(cfg, n_train: int) -> list[int]:
     order = list(range(n_train))
     random.Random(cfg.train.seed).shuffle(order)
     return order
+
+
+class PhaseClock:
+    """Wall-clock and process CPU seconds of a `with` block (CPU seconds count every thread of the
+    process, so on 2 cores they can be up to twice the wall time, and other load does not inflate
+    them)."""
+
+    def __enter__(self):
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall_s = time.perf_counter() - self._wall
+        self.cpu_s = time.process_time() - self._cpu
+
+    def seconds(self) -> dict[str, float]:
+        return {"wall_s": round(self.wall_s, 1), "cpu_s": round(self.cpu_s, 1)}
+
+
+def total_cost(rounds: list[dict]) -> dict[str, dict[str, float]]:
+    """Per phase (sampling, scoring), the wall and CPU seconds summed over the rounds that recorded
+    them (rounds saved before costs were recorded count as zero)."""
+    total: dict[str, dict[str, float]] = {}
+    for r in rounds:
+        for phase, secs in r.get("cost", {}).items():
+            for key, value in secs.items():
+                total.setdefault(phase, {}).setdefault(key, 0.0)
+                total[phase][key] = round(total[phase][key] + value, 1)
+    return total
 
 
 def sample_and_grade(trainer, indices: list[int], round_index: int) -> list:
@@ -706,8 +746,11 @@ def run_probe(cfg, out_dir: str | Path, analyse_only: bool = False, show=print) 
             show(
                 f"round {i + 1}/{n_rounds}: sampling {cfg.probe.rollouts} rollouts for each of {len(indices)} problems"
             )
-            rollouts = sample_and_grade(trainer, indices, i)
-            scored = score_rollouts(trainer, rollouts, planted, show)
+            with PhaseClock() as sampling:
+                rollouts = sample_and_grade(trainer, indices, i)
+            with PhaseClock() as scoring:
+                scored = score_rollouts(trainer, rollouts, planted, show)
+            scored["cost"] = {"sampling": sampling.seconds(), "scoring": scoring.seconds()}
             scored["problem"] = [indices[r.group] for r in rollouts]
             scored["rollouts"] = [_rollout_row(r, indices[r.group]) for r in rollouts]
             scored["fingerprint"] = _fingerprint(cfg, planted, i)
@@ -726,6 +769,7 @@ def run_probe(cfg, out_dir: str | Path, analyse_only: bool = False, show=print) 
     scored = merge_rounds(kept)
     result = analyse_scored(scored, {p.name: p.role for p in planted}, cfg)
     result["rounds"] = f"{len(kept)} of {n_rounds}"
+    result["cost"] = total_cost(kept)
     text = write_outputs(result, scored, cfg, out_dir)
     show(text)
     show(f"written: {out_dir / 'probe.json'}, probe.md, probe.png, rollouts.jsonl")

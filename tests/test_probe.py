@@ -211,6 +211,8 @@ def test_probe_command_on_the_tiny_model(tmp_path, tiny_model_dir, monkeypatch, 
     assert set(result["planted"]) == {"null", "good", "bad"}
     assert result["planted"]["null"]["null_relative"]["mean_correct"] == 0.0  # the null against itself
     assert result["rounds"] == "2 of 2"
+    assert set(result["cost"]) == {"sampling", "scoring"} and "Cost: sampling" in printed
+    assert all(c["cpu_s"] > 0 and c["wall_s"] > 0 for c in result["cost"].values())
     # a second run reuses both rounds and loads no model; --analyse-only reports on what is there
     assert main(args) == 0
     assert "reusing 2 scored round(s)" in capsys.readouterr().out
