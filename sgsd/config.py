@@ -322,6 +322,9 @@ class EvalConfig:
     enable_thinking: bool = True
     # Base+Skill: retrieved skills in the evaluation prompt
     with_skills: bool = False
+    # in-loop evaluations score the test sources; false = only the validation split (data.validation_size),
+    # for selection runs (a learning-rate search) that must not look at the test set
+    test_in_loop: bool = True
     # generator backend for evaluation
     backend: Literal["hf", "vllm"] = "hf"
     # sequences generated at once by the hf backend
@@ -564,6 +567,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("objective.support_estimator=teacher_centred needs teachers.count >= 2")
     if cfg.objective.support_estimator == "expected" and cfg.objective.support != "full":
         raise ConfigError("objective.support_estimator=expected needs objective.support=full")
+    if not cfg.eval.test_in_loop and not cfg.data.validation_size:
+        raise ConfigError("eval.test_in_loop=false needs data.validation_size (the split evaluated instead)")
     if cfg.skills.extractor == "openai" and not cfg.skills.extractor_base_url:
         raise ConfigError("skills.extractor=openai needs skills.extractor_base_url")
     if cfg.train.method == "sgsd" and cfg.teachers.count > retrieval_top_k(cfg):

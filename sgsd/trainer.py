@@ -448,8 +448,9 @@ class Trainer:
             return {}
         from sgsd.evaluate import evaluate_during_training
 
+        test_sets = self.eval_sets if self.cfg.eval.test_in_loop else {}
         summary = evaluate_during_training(
-            self.cfg, self._policy_generator(), self.eval_sets, self.run_dir / "eval" / f"step-{step:06d}", step,
+            self.cfg, self._policy_generator(), test_sets, self.run_dir / "eval" / f"step-{step:06d}", step,
             retriever=self.retriever if self.cfg.eval.with_skills else None, train_time_s=self.train_time_s,
             validation_sets=self.val_sets, extra={k: round(v, 3) for k, v in self.counters.items()},
         )  # fmt: skip
