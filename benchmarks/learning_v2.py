@@ -936,7 +936,7 @@ def parse_args(argv=None):
         help=f"candidate data source (repeatable; default {', '.join(DEFAULT_TASKS)})",
     )
     g.add_argument("--max-new-tokens", default="224,320", help="candidate completion budgets, comma list")
-    g.add_argument("--task-problems", type=int, default=32)
+    g.add_argument("--task-problems", type=int, default=16)
     g.add_argument("--task-rollouts", type=int, default=4)
     g.add_argument("--success", default="0.3,0.7", help="accepted base success range")
     g.add_argument("--max-truncated", type=float, default=0.1)
