@@ -542,14 +542,20 @@ def horizon(cpu_budget_s: float, cpu_per_step: float, margin: float) -> int:
     return max(1, math.ceil(margin * cpu_budget_s / cpu_per_step)) if cpu_per_step > 0 else 100_000
 
 
+def yaml_float(x: float) -> str:
+    """A float as an override value YAML reads back as a float (YAML reads 5e-06 as text)."""
+    return f"{x:.6e}"
+
+
 def lr_tag(lr: float) -> str:
     return f"lr-{lr:g}"
 
 
 def phase_lr(cli) -> int:
     root = cli.out / "lr"
-    ignore_runs(root / "runs")
-    ignore_runs(root / "calibration")
+    if not cli.dry_run:
+        ignore_runs(root / "runs")
+        ignore_runs(root / "calibration")
     base = [*cli.set, *setting_overrides(cli)]
     budget = cli.lr_budget_cpu_min * 60
     choice, scores, failed = {}, {}, []
@@ -560,9 +566,9 @@ def phase_lr(cli) -> int:
         for lr in cli.lrs:
             run = root / "runs" / variant / lr_tag(lr)
             extra = [
-                f"train.lr={lr:g}",
+                f"train.lr={yaml_float(lr)}",
                 f"train.seed={cli.lr_seed}",
-                f"train.cpu_budget_s={budget:g}",
+                f"train.cpu_budget_s={yaml_float(budget)}",
                 f"train.steps={horizon(budget, per_step, cli.steps_margin)}",
                 "eval.test_in_loop=false",
                 "train.eval_at_start=false",
@@ -652,7 +658,8 @@ def chosen_lr(cli, variant: str) -> float:
 def phase_grid(cli) -> int:
     base = [*cli.set, *setting_overrides(cli)]
     budget, every = cli.budget_cpu_min * 60, cli.eval_every_cpu_min * 60
-    ignore_runs(cli.out / "runs")
+    if not cli.dry_run:
+        ignore_runs(cli.out / "runs")
     failed = []
     for seed in cli.seeds:  # every variant of a seed before the next seed
         for variant in cli.methods:
@@ -661,10 +668,10 @@ def phase_grid(cli) -> int:
             run = r1.run_dir_of(cli.out, variant, seed)
             shared = r1.shared_base_eval(cli.out, seed, exclude=variant, variants=tuple(VARIANTS))
             extra = [
-                f"train.lr={chosen_lr(cli, variant):g}",
+                f"train.lr={yaml_float(chosen_lr(cli, variant))}",
                 f"train.seed={seed}",
-                f"train.cpu_budget_s={budget:g}",
-                f"train.eval_every_cpu_s={every:g}",
+                f"train.cpu_budget_s={yaml_float(budget)}",
+                f"train.eval_every_cpu_s={yaml_float(every)}",
                 f"train.steps={horizon(budget, per_step, cli.steps_margin)}",
                 *(["train.eval_at_start=false"] if shared else []),
             ]

@@ -140,7 +140,7 @@ def test_every_phase_end_to_end(tmp_path, tiny_model_dir):
     assert "[skip] sgsd seed 0" in again.stdout  # finished runs are kept and skipped
     done = json.loads((out / "runs" / "sgsd" / "seed-0" / "done.json").read_text())
     assert done["train_cpu_s"] > 0 and done["rollouts_total"] >= 2
-    assert "train.lr=0.001" in done["command"] and any(
+    assert "train.lr=1.000000e-03" in done["command"] and any(
         c.startswith("train.cpu_budget_s=") for c in done["command"]
     )
 
@@ -153,3 +153,14 @@ def test_every_phase_end_to_end(tmp_path, tiny_model_dir):
     assert "MDD = " in (out / "table.md").read_text()
     assert "Support by outcome" in (out / "diagnostics.md").read_text()
     assert (out / "learning.png").stat().st_size > 10_000
+
+
+def test_float_overrides_read_back_as_floats():
+    from sgsd.config import load_config
+
+    for lr in (5e-6, 2e-5, 1e-4):  # f"{5e-6:g}" = "5e-06", which YAML reads as text
+        cfg = load_config(
+            lv2.DEFAULT_CONFIG,
+            [f"train.lr={lv2.yaml_float(lr)}", f"train.cpu_budget_s={lv2.yaml_float(6e-5)}"],
+        )
+        assert cfg.train.lr == pytest.approx(lr) and cfg.train.cpu_budget_s == pytest.approx(6e-5)
