@@ -43,6 +43,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -73,6 +74,24 @@ POLARITY_KEYS = [
     "over_suppressive_fraction",
     "neutral_fraction",
 ]
+
+
+class Axis(NamedTuple):
+    """The compute axis of curves and budgets: a cumulative metrics.jsonl key in seconds, the train.*
+    settings of its budget and evaluation interval, and the axis label (in minutes)."""
+
+    key: str
+    budget: str
+    every: str
+    label: str
+    short: str
+
+
+WALL = Axis("train_time_s", "time_budget_s", "eval_every_s", "training time (min, evaluation excluded)",
+            "training time (min)")  # fmt: skip
+CPU = Axis("train_cpu_s", "cpu_budget_s", "eval_every_cpu_s", "training CPU time (CPU-min, evaluation excluded)",
+           "training CPU time (CPU-min)")  # fmt: skip
+
 SIGNALS = [  # metrics.jsonl key, panel title
     ("reward_mean", "mean reward"),
     ("mean_support", "mean robust support"),
@@ -118,11 +137,13 @@ def base_eval_path(run_dir: Path) -> Path:
     return run_dir / "eval" / "step-000000" / "summary.json"
 
 
-def shared_base_eval(out: Path, seed: int, exclude: str) -> Path | None:
+def shared_base_eval(
+    out: Path, seed: int, exclude: str, variants: Sequence[str] = tuple(VARIANTS)
+) -> Path | None:
     """The step-0 evaluation of another variant with this seed, if one exists. Step 0 is the same for
     every variant of a seed (same model with a zero LoRA update, same held-out problems, same eval
     seed `train.seed + 17`), so only the first run of a seed evaluates it; the others reuse it."""
-    for variant in VARIANTS:
+    for variant in variants:
         path = base_eval_path(run_dir_of(out, variant, seed))
         if variant != exclude and path.is_file():
             return path
@@ -153,33 +174,62 @@ def _last_metrics(run_dir: Path) -> dict:
 
 def run_one(cli, variant: str, seed: int) -> str:
     """Train one (variant, seed) unless it is done; returns 'done', 'skipped', 'failed' or 'dry-run'."""
+    run_dir = run_dir_of(cli.out, variant, seed)
+    shared_base = shared_base_eval(cli.out, seed, exclude=variant)
+
+    def command(resume: bool) -> list[str]:
+        return train_command(
+            cli.config,
+            run_dir,
+            variant,
+            seed,
+            cli.budget_min * 60,
+            cli.eval_every_min * 60,
+            cli.max_steps,
+            [*cli.set, *(["train.eval_at_start=false"] if shared_base else [])],
+            resume,
+        )
+
+    return train_once(
+        run_dir,
+        f"{variant} seed {seed}",
+        command,
+        {"variant": variant, "seed": seed},
+        dry_run=cli.dry_run,
+        keep_checkpoints=cli.keep_checkpoints,
+    )
+
+
+def train_once(
+    run_dir: Path,
+    name: str,
+    command,
+    record: dict,
+    dry_run: bool = False,
+    keep_checkpoints: bool = False,
+) -> str:
+    """Run `command(resume)` (an `sgsd train` command line writing `run_dir`) unless the run is done.
+
+    A finished run has done.json and is skipped; an unfinished one with a complete checkpoint is
+    resumed (`command(True)`); a folder without one is started again. The log goes to run_dir/train.log.
+    On success done.json gets `record`, the steps, training time and compute counters of the last
+    metrics row and the command, and all but the newest checkpoint are deleted (unless
+    `keep_checkpoints`). Returns 'done', 'skipped', 'failed' or 'dry-run'."""
     from sgsd.fileio import atomic_write_json
 
-    run_dir = run_dir_of(cli.out, variant, seed)
     if (run_dir / "done.json").is_file():
-        print(f"[skip] {variant} seed {seed}: finished ({run_dir / 'done.json'})", flush=True)
+        print(f"[skip] {name}: finished ({run_dir / 'done.json'})", flush=True)
         return "skipped"
     resume = run_dir.is_dir() and has_checkpoint(run_dir)
-    shared_base = shared_base_eval(cli.out, seed, exclude=variant)
-    cmd = train_command(
-        cli.config,
-        run_dir,
-        variant,
-        seed,
-        cli.budget_min * 60,
-        cli.eval_every_min * 60,
-        cli.max_steps,
-        [*cli.set, *(["train.eval_at_start=false"] if shared_base else [])],
-        resume,
-    )
-    if cli.dry_run:
+    cmd = command(resume)
+    if dry_run:
         print(" ".join(cmd), flush=True)
         return "dry-run"
     if run_dir.is_dir() and not resume:  # started before but never checkpointed: start again
-        print(f"[restart] {variant} seed {seed}: no complete checkpoint in {run_dir}", flush=True)
+        print(f"[restart] {name}: no complete checkpoint in {run_dir}", flush=True)
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    print(f"[{'resume' if resume else 'train'}] {variant} seed {seed} -> {run_dir}", flush=True)
+    print(f"[{'resume' if resume else 'train'}] {name} -> {run_dir}", flush=True)
     started = time.time()
     env = dict(
         os.environ,
@@ -192,27 +242,24 @@ def run_one(cli, variant: str, seed: int) -> str:
         rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
     wall = time.time() - started
     if rc != 0:
-        print(
-            f"[failed] {variant} seed {seed}: exit {rc} after {wall:.0f} s; see {run_dir / 'train.log'}",
-            flush=True,
-        )
+        print(f"[failed] {name}: exit {rc} after {wall:.0f} s; see {run_dir / 'train.log'}", flush=True)
         return "failed"
     last = _last_metrics(run_dir)
+    counters = ("train_time_s", "train_cpu_s", "rollouts_total", "completion_tokens_total")
     atomic_write_json(
         run_dir / "done.json",
         {
-            "variant": variant,
-            "seed": seed,
+            **record,
             "steps": last.get("step", 0),
-            "train_time_s": last.get("train_time_s", 0.0),
+            **{k: last.get(k, 0.0) for k in counters},
             "wall_s_last_invocation": round(wall, 1),
             "command": cmd,
             "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
         },
     )
-    if not cli.keep_checkpoints:
+    if not keep_checkpoints:
         prune_checkpoints(run_dir)
-    print(f"[done] {variant} seed {seed}: {last.get('step', 0)} steps, {wall:.0f} s wall", flush=True)
+    print(f"[done] {name}: {last.get('step', 0)} steps, {wall:.0f} s wall", flush=True)
     return "done"
 
 
@@ -236,13 +283,16 @@ def mean_avg_at_k(summary: dict) -> float:
     return 100 * statistics.fmean(r["avg@k"] for r in results.values())
 
 
-def eval_curve(evals: dict[int, dict], metrics: Sequence[dict]) -> list[tuple[float, float]]:
-    """[(training minutes, avg@k %)] per evaluated step; the minutes of step s are the `train_time_s`
-    logged with step s (0 for step 0). Steps with no logged time (a torn log) are left out."""
+def eval_curve(
+    evals: dict[int, dict], metrics: Sequence[dict], key: str = WALL.key
+) -> list[tuple[float, float]]:
+    """[(training minutes, avg@k %)] per evaluated step; the minutes of step s are the `key` seconds
+    (`train_time_s`, or `train_cpu_s`) logged with step s (0 for step 0). Steps with no logged time (a
+    torn log) are left out."""
     minutes = {0: 0.0}
     for row in metrics:
-        if "step" in row and "train_time_s" in row:
-            minutes[int(row["step"])] = float(row["train_time_s"]) / 60
+        if "step" in row and key in row:
+            minutes[int(row["step"])] = float(row[key]) / 60
     return [(minutes[s], mean_avg_at_k(summary)) for s, summary in sorted(evals.items()) if s in minutes]
 
 
@@ -318,15 +368,16 @@ def run_scores(evals: dict[int, dict]) -> dict[str, float]:
 # Reading runs and writing the report
 
 
-def load_groups(out: Path) -> dict[str, list]:
-    """variant -> [sgsd.report.RunData] for every run folder under OUT/runs (variants in VARIANTS order)."""
+def load_groups(out: Path, variants: dict[str, tuple] = VARIANTS) -> dict[str, list]:
+    """variant -> [sgsd.report.RunData] for every run folder under OUT/runs (in `variants` order, labelled
+    by it)."""
     from sgsd.report import load_run
 
     root = out / "runs"
     groups: dict[str, list] = {}
     if not root.is_dir():
         return groups
-    known = list(VARIANTS)
+    known = list(variants)
     folders = sorted(
         (d for d in root.iterdir() if d.is_dir()),
         key=lambda d: (known.index(d.name) if d.name in known else len(known), d.name),
@@ -335,7 +386,7 @@ def load_groups(out: Path) -> dict[str, list]:
         runs = []
         for sdir in sorted(vdir.glob("seed-*"), key=lambda d: d.name):
             if (sdir / "config.yaml").is_file():
-                run = load_run(sdir, label=VARIANTS.get(vdir.name, (vdir.name, []))[0])
+                run = load_run(sdir, label=variants.get(vdir.name, (vdir.name, []))[0])
                 run.done = (sdir / "done.json").is_file()
                 runs.append(run)
         if runs:
@@ -364,8 +415,8 @@ def _steps_done(run) -> int:
     return int(run.metrics[-1].get("step", 0)) if run.metrics else 0
 
 
-def _train_minutes(run) -> float:
-    return float(run.metrics[-1].get("train_time_s", 0.0)) / 60 if run.metrics else 0.0
+def _train_minutes(run, key: str = WALL.key) -> float:
+    return float(run.metrics[-1].get(key, 0.0)) / 60 if run.metrics else 0.0
 
 
 def write_table(groups: dict[str, list], out: Path) -> Path:
@@ -440,17 +491,17 @@ def write_table(groups: dict[str, list], out: Path) -> Path:
     return path
 
 
-def plot_learning(groups: dict[str, list], out: Path) -> Path | None:
-    """avg@k (%) against training minutes: mean over seeds on a common grid, band = ± std."""
+def plot_learning(groups: dict[str, list], out: Path, axis: Axis = WALL) -> Path | None:
+    """avg@k (%) against training minutes (`axis`): mean over seeds on a common grid, band = ± std."""
     from sgsd.report import setup_matplotlib
 
-    curves = {v: [(r, eval_curve(r.evals, r.metrics)) for r in runs] for v, runs in groups.items()}
+    curves = {v: [(r, eval_curve(r.evals, r.metrics, axis.key)) for r in runs] for v, runs in groups.items()}
     if not any(len(c) > 1 for runs in curves.values() for _, c in runs):
         return None
-    budget = max((_run_setting(r, "train", "time_budget_s") or 0) / 60 for rs in groups.values() for r in rs)
+    budget = max((_run_setting(r, "train", axis.budget) or 0) / 60 for rs in groups.values() for r in rs)
     every = (
         min(
-            ((_run_setting(r, "train", "eval_every_s") or 0) / 60 for rs in groups.values() for r in rs),
+            ((_run_setting(r, "train", axis.every) or 0) / 60 for rs in groups.values() for r in rs),
             default=0,
         )
         or budget / 4
@@ -485,10 +536,10 @@ def plot_learning(groups: dict[str, list], out: Path) -> Path | None:
                 color=colour,
                 alpha=0.2,
             )
-    ax.set_xlabel("training time (min, evaluation excluded)")
+    ax.set_xlabel(axis.label)
     ax.set_ylabel("held-out avg@k (%)")
     ax.set_title(
-        "Held-out avg@k against training time\n(lines: mean over seeds on a common grid, "
+        f"Held-out avg@k against {axis.short.split(' (')[0]}\n(lines: mean over seeds on a common grid, "
         "band: ± std, x: each evaluation)",
         fontsize=11,
     )
@@ -501,25 +552,27 @@ def plot_learning(groups: dict[str, list], out: Path) -> Path | None:
     return path
 
 
-def _time_edges(groups: dict[str, list], bins: int) -> list[float]:
+def _time_edges(groups: dict[str, list], bins: int, key: str = WALL.key) -> list[float]:
     end = max(
-        (float(r.get("train_time_s", 0)) / 60 for rs in groups.values() for run in rs for r in run.metrics),
+        (float(r.get(key, 0)) / 60 for rs in groups.values() for run in rs for r in run.metrics),
         default=0.0,
     )
     end = end or 1.0
     return [end * i / bins for i in range(bins + 1)]
 
 
-def _points(runs, key: str) -> list[tuple[float, float]]:
+def _points(runs, key: str, x: str = WALL.key) -> list[tuple[float, float]]:
     return [
-        (float(r["train_time_s"]) / 60, float(r[key]))
+        (float(r[x]) / 60, float(r[key]))
         for run in runs
         for r in run.metrics
-        if key in r and "train_time_s" in r and r[key] is not None
+        if key in r and x in r and r[key] is not None
     ]
 
 
-def plot_diagnostics(groups: dict[str, list], out: Path, bins: int = 12) -> Path | None:
+def plot_diagnostics(
+    groups: dict[str, list], out: Path, bins: int = 12, axis: Axis = WALL, signals: Sequence = tuple(SIGNALS)
+) -> Path | None:
     """Top row: reward, support, |Delta|, kept tokens against training minutes (mean over seeds and the
     steps in each time bin), one line per variant. Bottom row: the polarity mix per variant, one stacked
     bar per time bin (an empty bin stays empty)."""
@@ -527,23 +580,23 @@ def plot_diagnostics(groups: dict[str, list], out: Path, bins: int = 12) -> Path
 
     if not any(run.metrics for runs in groups.values() for run in runs):
         return None
-    edges = _time_edges(groups, bins)
+    edges = _time_edges(groups, bins, axis.key)
     mids = [(a + b) / 2 for a, b in zip(edges, edges[1:])]
-    polar = [v for v, runs in groups.items() if _points(runs, POLARITY_KEYS[0])]
-    ncols = max(len(SIGNALS), len(polar), 1)
+    polar = [v for v, runs in groups.items() if _points(runs, POLARITY_KEYS[0], axis.key)]
+    ncols = max(len(signals), len(polar), 1)
     plt = setup_matplotlib()
     fig, axes = plt.subplots(2, ncols, figsize=(4.6 * ncols, 8.4), squeeze=False)
-    for ax, (key, title) in zip(axes[0], SIGNALS):
+    for ax, (key, title) in zip(axes[0], signals):
         for i, runs in enumerate(groups.values()):
-            points = _points(runs, key)
+            points = _points(runs, key, axis.key)
             if points:
                 ax.plot(mids, binned_means(points, edges), marker=".", color=f"C{i}", label=runs[0].label)
         ax.set_title(title)
-        ax.set_xlabel("training time (min)")
+        ax.set_xlabel(axis.short)
         ax.grid(alpha=0.3)
     axes[0][0].legend(loc="best", fontsize=8)
     for ax, variant in zip(axes[1], polar):
-        layers = [binned_means(_points(groups[variant], key), edges) for key, _, _ in POLARITY]
+        layers = [binned_means(_points(groups[variant], key, axis.key), edges) for key, _, _ in POLARITY]
         width = edges[1] - edges[0]
         bottom = [0.0] * len(mids)
         for layer, (_, name, colour) in zip(layers, POLARITY):  # stacked bars, one per time bin
@@ -551,14 +604,14 @@ def plot_diagnostics(groups: dict[str, list], out: Path, bins: int = 12) -> Path
             ax.bar(mids, heights, width=width, bottom=bottom, color=colour, label=name, linewidth=0)
             bottom = [b + h for b, h in zip(bottom, heights)]
         ax.set_title(f"polarity mix: {groups[variant][0].label}")
-        ax.set_xlabel("training time (min)")
+        ax.set_xlabel(axis.short)
         ax.set_ylim(0, 1)
     if polar:
         axes[1][0].set_ylabel("fraction of teachers")
         axes[1][len(polar) - 1].legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
-    for ax in [*axes[0][: len(SIGNALS)], *axes[1][: len(polar)]]:
+    for ax in [*axes[0][: len(signals)], *axes[1][: len(polar)]]:
         ax.set_xlim(0, edges[-1])
-    for ax in [*axes[0][len(SIGNALS) :], *axes[1][len(polar) :]]:
+    for ax in [*axes[0][len(signals) :], *axes[1][len(polar) :]]:
         ax.axis("off")
     fig.suptitle(f"Training diagnostics (means over seeds and steps in {bins} equal time bins)")
     fig.tight_layout()
@@ -736,7 +789,7 @@ def _fmt(x: float, digits: int = 3) -> str:
     return "–" if x is None or math.isnan(x) else f"{x:.{digits}f}"
 
 
-def write_diagnostics(groups: dict[str, list], out: Path) -> Path:
+def write_diagnostics(groups: dict[str, list], out: Path, extra_lines: Sequence[str] = ()) -> Path:
     from sgsd.fileio import atomic_write_text
 
     header = [
@@ -787,7 +840,7 @@ def write_diagnostics(groups: dict[str, list], out: Path) -> Path:
             _fmt(column_mean(rows, "truncated_fraction")),
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", *evidence_lines(groups)]
+    lines += ["", *evidence_lines(groups), *extra_lines]
     path = out / "diagnostics.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path

@@ -60,6 +60,11 @@ class DataConfig:
     eval_sources: list[str] = field(default_factory=lambda: ["hf:aime24", "hf:aime25", "hf:hmmt25"])
     # problems per evaluation source; None = all
     eval_size: int | None = None
+    # validation problems per evaluation source, a split apart from the held-out (test) problems for
+    # choosing settings and checkpoints: drawn with generator seed data.seed + 2 (files: a seeded sample of
+    # the problems not in the test split), evaluated in the loop next to the test sources (summary
+    # "validation", trackers val/...), and kept out of training by the contamination guard; None = none
+    validation_size: int | None = None
     # column mapping for local files, e.g. {question: problem, answer: final}
     columns: dict[str, str] = field(default_factory=dict)
     # seed for generators and problem sampling
@@ -289,6 +294,13 @@ class TrainConfig:
     time_budget_s: float = 0.0
     # also evaluate every this many seconds of training (0 = off); for equal-wall-clock comparisons
     eval_every_s: float = 0.0
+    # stop after this many process CPU-seconds of training steps (0 = no limit): time.process_time() of
+    # this process, which counts every thread (torch's intra-op threads too: N busy threads add N seconds
+    # per wall second) and not the verifier's worker processes; evaluation and checkpoint writes are not
+    # counted. Unlike time_budget_s, other load on the machine does not change how far a run gets
+    cpu_budget_s: float = 0.0
+    # also evaluate every this many training CPU-seconds (0 = off); for equal-compute comparisons
+    eval_every_cpu_s: float = 0.0
     # evaluate before the first step (off when an identical step-0 evaluation exists elsewhere)
     eval_at_start: bool = True
     # experiment trackers fed with metrics, evaluations, config and plots: tensorboard, wandb, mlflow, trackio
@@ -319,6 +331,9 @@ class EvalConfig:
     enable_thinking: bool = True
     # Base+Skill: retrieved skills in the evaluation prompt
     with_skills: bool = False
+    # in-loop evaluations score the test sources; false = only the validation split (data.validation_size),
+    # for selection runs (a learning-rate search) that must not look at the test set
+    test_in_loop: bool = True
     # generator backend of `sgsd eval` (evaluation during training samples with rollout.backend): hf, vllm
     # (a colocated engine), or vllm_server (the server at rollout.vllm_server_url)
     backend: Literal["hf", "vllm", "vllm_server"] = "hf"
@@ -373,6 +388,7 @@ RANGES: dict[tuple[str, str], tuple[Any, str]] = {
     ("model", "lora_dropout"): (lambda v: 0 <= v < 1, "in [0, 1)"),
     ("data", "train_size"): _AT_LEAST_ONE,
     ("data", "eval_size"): _AT_LEAST_ONE,
+    ("data", "validation_size"): _AT_LEAST_ONE,
     ("rollout", "temperature"): _POSITIVE,
     ("rollout", "top_p"): _UNIT,
     ("rollout", "top_k"): _NON_NEGATIVE,
@@ -422,6 +438,8 @@ RANGES: dict[tuple[str, str], tuple[Any, str]] = {
     ("train", "eval_every"): _NON_NEGATIVE,
     ("train", "time_budget_s"): _NON_NEGATIVE,
     ("train", "eval_every_s"): _NON_NEGATIVE,
+    ("train", "cpu_budget_s"): _NON_NEGATIVE,
+    ("train", "eval_every_cpu_s"): _NON_NEGATIVE,
     ("eval", "k"): _AT_LEAST_ONE,
     ("eval", "temperature"): _POSITIVE,
     ("eval", "top_p"): _UNIT,
@@ -568,6 +586,8 @@ def validate(cfg: Config) -> Config:
                 f"{backend}.backend=vllm_server needs rollout.vllm_server_url, the server's http(s):// URL "
                 f"(e.g. http://gpu-host:8000), got {url!r}"
             )
+    if not cfg.eval.test_in_loop and not cfg.data.validation_size:
+        raise ConfigError("eval.test_in_loop=false needs data.validation_size (the split evaluated instead)")
     if cfg.skills.extractor == "openai" and not cfg.skills.extractor_base_url:
         raise ConfigError("skills.extractor=openai needs skills.extractor_base_url")
     if cfg.train.method == "sgsd" and cfg.teachers.count > retrieval_top_k(cfg):

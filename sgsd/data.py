@@ -709,6 +709,7 @@ def decontamination_summary(kept: list[Problem], dropped: list[Problem], held_ou
 # The run's problem sets, built in one place for training, in-loop evaluation and `sgsd eval --run`
 
 HELD_OUT_SEED_OFFSET = 1  # held-out sets use generator seed data.seed + 1, training data.seed
+VALIDATION_SEED_OFFSET = 2  # the validation split: data.seed + 2
 
 
 def held_out_sets(data_cfg, sources=None) -> dict[str, list[Problem]]:
@@ -722,14 +723,42 @@ def held_out_sets(data_cfg, sources=None) -> dict[str, list[Problem]]:
     return {src: load_problems(src, size=data_cfg.eval_size, seed=seed) for src in names}
 
 
-def training_problems(data_cfg, held_out: dict[str, list[Problem]]) -> list[Problem]:
+def validation_sets(data_cfg, test_sets: dict[str, list[Problem]]) -> dict[str, list[Problem]]:
+    """The run's validation split, per evaluation source: `data.validation_size` problems ({} when it is
+    None) whose normalised text matches no test problem of `test_sets` (`held_out_sets`; the
+    contamination guard's test). Generators draw with seed `data.seed + 2` and keep the first `size`
+    problems that pass; files and hub datasets take a seeded sample of the rows that pass (all of them
+    when fewer are left)."""
+    size = data_cfg.validation_size
+    if not size:
+        return {}
+    seed = data_cfg.seed + VALIDATION_SEED_OFFSET
+    test = [p for probs in test_sets.values() for p in probs]
+    out = {}
+    for src in test_sets:
+        if parse_source(src)[0] == "reasoning_gym":  # enough draws to replace every possible repeat
+            kept, _dropped = decontaminate(load_problems(src, size=size + len(test), seed=seed), test)
+            out[src] = kept[:size]
+        else:
+            kept, _dropped = decontaminate(load_problems(src, seed=seed), test)
+            out[src] = _take(kept, size, seed)
+        if not out[src]:
+            raise DataError(f"no validation problems left from {src} after removing the test problems")
+    return out
+
+
+def training_problems(
+    data_cfg, held_out: dict[str, list[Problem]], validation: dict[str, list[Problem]] | None = None
+) -> list[Problem]:
     """The run's training problems (seed `data.seed`, `data.columns`), without any whose text matches
-    a held-out problem when `data.contamination_guard` is on. Raises DataError if none are left."""
+    a held-out (test) or validation problem when `data.contamination_guard` is on. Raises DataError if
+    none are left."""
     problems = load_problems(
         data_cfg.train_source, size=data_cfg.train_size, seed=data_cfg.seed, columns=data_cfg.columns
     )
-    if data_cfg.contamination_guard and held_out:
-        problems, _dropped = decontaminate(problems, [p for probs in held_out.values() for p in probs])
+    guarded = [p for sets in (held_out, validation or {}) for probs in sets.values() for p in probs]
+    if data_cfg.contamination_guard and guarded:
+        problems, _dropped = decontaminate(problems, guarded)
     if not problems:
         raise DataError(f"no training problems left from {data_cfg.train_source}")
     return problems

@@ -382,16 +382,18 @@ def evaluate_during_training(
     step: int,
     retriever=None,
     train_time_s=0.0,
+    validation_sets: dict[str, Sequence] | None = None,
+    extra: dict | None = None,
 ) -> dict:
     """The trainer's held-out evaluation with the config's settings (`eval.*`, `verifier.*`, the eval
-    seed of `eval_seed`); the summary carries `train_time_s` for accuracy-against-time plots."""
+    seed of `eval_seed`); the summary carries `train_time_s` (and `extra`, e.g. the training CPU-seconds)
+    for accuracy-against-time plots. `validation_sets` (the validation split, `sgsd.data.validation_sets`)
+    are evaluated first into `out_dir/validation/` and their metrics go in the summary under
+    "validation", apart from the test sources' "results"."""
     from sgsd.generation import sampling_params
 
     e, v = cfg.eval, cfg.verifier
-    return evaluate_sources(
-        generator,
-        eval_sets,
-        out_dir=out_dir,
+    common = dict(
         params=sampling_params(e, n=e.k),
         enable_thinking=e.enable_thinking,
         seed=eval_seed(cfg.train.seed),
@@ -402,8 +404,12 @@ def evaluate_during_training(
         step=step,
         batch_size=e.batch_size,
         show_progress=cfg.train.progress,
-        extra={"train_time_s": round(train_time_s, 3)},
     )
+    extra = {"train_time_s": round(train_time_s, 3), **(extra or {})}
+    if validation_sets:
+        val = evaluate_sources(generator, validation_sets, out_dir=Path(out_dir) / "validation", **common)
+        extra["validation"] = val["results"]
+    return evaluate_sources(generator, eval_sets, out_dir=out_dir, extra=extra, **common)
 
 
 # ----------------------------------------------------------------------------
@@ -543,11 +549,12 @@ def evaluate_run(
                 generator, sources[name], k, params, enable_thinking, step_out / f"{slug}.jsonl",
                 prompt_fn=prompt_fn, grade_fn=grade_fn, seed=seed, chunk_size=chunk_size,
             )  # fmt: skip
-        earlier = read_summaries(out_dir).get(step, {}).get("results", {})  # keep other sources' results
+        before = read_summaries(out_dir).get(step, {})  # keep other sources' results and the rest
         summary = {
+            **before,
             "step": step,
             "checkpoint": str(adapter) if adapter else "base",
-            "results": {**earlier, **results},
+            "results": {**before.get("results", {}), **results},
         }
         atomic_write_json(step_out / "summary.json", summary)
         del generator

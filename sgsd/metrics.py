@@ -104,3 +104,13 @@ def support_by_outcome(decisions: list) -> dict[str, float]:
     if len(out) == 2:
         out["support_gap"] = out["support_correct"] - out["support_wrong"]
     return out
+
+
+def mixed_group_fraction(group_rewards: list[tuple[int, float]]) -> float:
+    """Fraction of rollout groups (GRPO: the rollouts of one prompt) whose rewards are not all equal,
+    from (group, reward) pairs. Only a mixed group has non-zero group-relative advantages, so this is the
+    share of the batch that carries a GRPO gradient. 0 for no rollouts."""
+    seen: dict[int, set[float]] = {}
+    for group, reward in group_rewards:
+        seen.setdefault(group, set()).add(float(reward))
+    return sum(len(r) > 1 for r in seen.values()) / len(seen) if seen else 0.0

@@ -52,7 +52,7 @@ def write_run_plots(run_dir: str | Path, out_dir: str | Path | None = None) -> l
 def _held_out(summary: dict, sources: list[str]) -> dict:
     results = summary.get("results", {})
     avg = {s: results[s]["avg@k"] for s in sources if s in results}
-    return {"avg": avg, "mean": statistics.fmean(avg.values()) if len(avg) == len(sources) else None}
+    return {"avg": avg, "mean": statistics.fmean(avg.values()) if avg and len(avg) == len(sources) else None}
 
 
 def run_summary(run_dir: str | Path, wall_s: float | None = None) -> dict:

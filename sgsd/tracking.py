@@ -68,7 +68,8 @@ def scalars(row: dict, prefix: str = "") -> dict[str, float]:
 
 def eval_scalars(summary: dict) -> dict[str, float]:
     """`eval/SOURCE/METRIC` for every source of an eval summary (`summary["results"]`), plus
-    `eval/mean/avg_at_k` over the sources."""
+    `eval/mean/avg_at_k` over the sources; the same as `val/...` for its validation split
+    (`summary["validation"]`)."""
     out = {}
     results = summary.get("results", {})
     for source, res in results.items():
@@ -77,6 +78,13 @@ def eval_scalars(summary: dict) -> dict[str, float]:
                 out[metric_name(f"eval/{source}/{key}")] = float(res[key])
     if results:
         out[metric_name("eval/mean/avg@k")] = sum(r["avg@k"] for r in results.values()) / len(results)
+    validation = summary.get("validation") or {}
+    for source, res in validation.items():
+        for key in EVAL_METRICS:
+            if isinstance(res.get(key), (int, float)):
+                out[metric_name(f"val/{source}/{key}")] = float(res[key])
+    if validation:
+        out[metric_name("val/mean/avg@k")] = sum(r["avg@k"] for r in validation.values()) / len(validation)
     return out
 
 

@@ -43,14 +43,14 @@ from sgsd import checkpoint as ckpt
 from sgsd import objectives as obj
 from sgsd.components import build_optimizer, build_policy, build_skills, extraction_generator, seed_everything
 from sgsd.config import Config, config_to_dict, dump_config
-from sgsd.data import held_out_sets, step_problems, training_problems
+from sgsd.data import held_out_sets, step_problems, training_problems, validation_sets
 from sgsd.errors import UserError
 from sgsd.faults import maybe_fault
 from sgsd.fileio import append_jsonl, atomic_write_text
 from sgsd.generation import sampling_params
 from sgsd.hostmem import release_freed_memory
 from sgsd.methods import method_spec
-from sgsd.metrics import MetricMeter, scalars, step_evidence
+from sgsd.metrics import MetricMeter, mixed_group_fraction, scalars, step_evidence
 from sgsd.prompts import skills_in_prompt, student_prompt
 from sgsd.summary import write_run_plots
 from sgsd.teaching import MicroBatchLoss
@@ -86,7 +86,8 @@ class Trainer:
         self.is_main = self.acc.is_main_process
         seed_everything(cfg.train.seed)
         self.eval_sets = held_out_sets(cfg.data)
-        self.train_problems = training_problems(cfg.data, self.eval_sets)
+        self.val_sets = validation_sets(cfg.data, self.eval_sets)  # {} without data.validation_size
+        self.train_problems = training_problems(cfg.data, self.eval_sets, self.val_sets)
         # the skills before the policy: a bad bank file fails before a model load
         self.bank, self.retriever, self.ledger, self.evolver = build_skills(cfg, self.spec)
         self.model, self.tokenizer, self.teacher, self.generator = build_policy(
@@ -103,6 +104,9 @@ class Trainer:
             raise UserError("the model has no trainable parameters (check model.lora_target_modules)")
         self.optimizer, self.scheduler = build_optimizer(cfg, self.trainable)
         self.step, self.train_time_s, self.last_eval_time_s, self.last_eval_step = 0, 0.0, 0.0, -1
+        # compute spent so far, logged cumulatively in every metrics row and restored on resume
+        self.counters = dict.fromkeys(COUNTERS, 0.0)
+        self.last_eval_cpu_s = 0.0
         self.trackers: RunTrackers | None = None  # open while train() runs
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -186,9 +190,10 @@ class Trainer:
             total=t.steps, initial=self.step, desc=self.spec.name, disable=not (t.progress and self.is_main)
         )
         while self.step < t.steps:
-            if self._all_ranks_any(bool(t.time_budget_s) and self.train_time_s >= t.time_budget_s):
+            spent = self._budget_spent()
+            if self._all_ranks_any(bool(spent)):
                 if self.is_main:
-                    print(f"time budget of {t.time_budget_s:.0f} s reached at step {self.step}")
+                    print(f"{spent or 'the budget of another rank'} reached at step {self.step}")
                 if self.step % t.save_every:
                     self.save_checkpoint()
                 break
@@ -199,7 +204,11 @@ class Trainer:
             bar.set_postfix(self._postfix(last))
             if _reached(before, self.step, t.save_every) or self.step == t.steps:
                 self.save_checkpoint()
+            cpu_s = self.counters["train_cpu_s"]
             due_by_time = t.eval_every_s and self.train_time_s >= self.last_eval_time_s + t.eval_every_s
+            due_by_time = due_by_time or (
+                t.eval_every_cpu_s and cpu_s >= self.last_eval_cpu_s + t.eval_every_cpu_s
+            )
             if (
                 self._all_ranks_any(_reached(before, self.step, t.eval_every) or bool(due_by_time))
                 and self.step != t.steps
@@ -217,12 +226,13 @@ class Trainer:
         `objective.grpo_iterations` = mu > 1, mu optimizer steps on the same rollouts (the old log-probs
         taken before the first, so the ratio and its clip act from the second). Returns one metrics row
         per optimizer step."""
-        started = time.time()
+        started, cpu_started = time.time(), time.process_time()
         passes = min(self.passes, self.cfg.train.steps - self.step)
         rollouts = self._rollouts(self._sample_problems(self.step // self.passes))  # y ~ p_S(.|x)
         t_rollout = time.time()
         self._verify(rollouts)  # r = +1 / -1
         t_verify = time.time()
+        round_stats = self._round_stats(rollouts)
         if self.passes > 1:
             self.loss.snapshot_old_logp(rollouts, self._micro_batch())
         rows = []
@@ -237,14 +247,34 @@ class Trainer:
                              lr=self.scheduler.get_last_lr()[0]))  # fmt: skip
         t_optimize = time.time()
         rows[-1].update(self._maybe_evolve_bank(rollouts))
-        round_time = time.time() - started
+        round_time, round_cpu = time.time() - started, time.process_time() - cpu_started
         for row in rows:  # the round's time is split evenly over its optimizer steps
             self.train_time_s += round_time / len(rows)
+            self.counters["train_cpu_s"] += round_cpu / len(rows)
             row.update(time_s=round(round_time / len(rows), 3), train_time_s=round(self.train_time_s, 3))
+            row.update(round_stats, **{k: round(v, 3) for k, v in self.counters.items()})
         rows[0].update(rollout_s=round(t_rollout - started, 3), verify_s=round(t_verify - t_rollout, 3))
         rows[-1].update(bank_s=round(time.time() - t_optimize, 3))
         maybe_fault("after_step", self.step)  # test-only kill point (sgsd/faults.py)
         return rows
+
+    def _budget_spent(self) -> str | None:
+        """Which training budget is used up (`train.time_budget_s` wall, `train.cpu_budget_s` CPU), if any."""
+        t = self.cfg.train
+        if t.time_budget_s and self.train_time_s >= t.time_budget_s:
+            return f"time budget of {t.time_budget_s:.0f} s"
+        if t.cpu_budget_s and self.counters["train_cpu_s"] >= t.cpu_budget_s:
+            return f"CPU budget of {t.cpu_budget_s:.0f} CPU-s"
+        return None
+
+    def _round_stats(self, rollouts: list[Rollout]) -> dict:
+        """Count a round's rollouts and completion tokens into the counters; for grouped methods (GRPO)
+        also return the fraction of groups with mixed rewards (the groups that carry a gradient)."""
+        self.counters["rollouts_total"] += len(rollouts)
+        self.counters["completion_tokens_total"] += sum(len(r.completion_ids) for r in rollouts)
+        if not self.spec.grouped:
+            return {}
+        return {"mixed_group_fraction": mixed_group_fraction([(r.group, r.reward) for r in rollouts])}
 
     # ------------------------------------------------------------------ problems and rollouts
 
@@ -441,6 +471,8 @@ class Trainer:
             self.ledger = state["ledger"]
         rows = ckpt.truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
         self.train_time_s = self.last_eval_time_s = float(rows[-1].get("train_time_s", 0.0)) if rows else 0.0
+        self.counters.update({k: float(rows[-1][k]) for k in COUNTERS if rows and k in rows[-1]})
+        self.last_eval_cpu_s = self.counters["train_cpu_s"]
         if self.is_main:
             print(f"resumed from step {self.step}")
 
@@ -448,25 +480,34 @@ class Trainer:
         return bool(self.eval_sets) and self.cfg.eval.k > 0
 
     def evaluate(self, step: int) -> dict:
-        """Held-out avg@k with the current weights; written to RUN/eval/step-XXXXXX/ (main process)."""
+        """Held-out avg@k with the current weights, on the test sources and the validation split (if any);
+        written to RUN/eval/step-XXXXXX/ (validation: its validation/ subfolder; main process)."""
         self.last_eval_time_s, self.last_eval_step = self.train_time_s, step
+        self.last_eval_cpu_s = self.counters["train_cpu_s"]
         if not self.is_main:
             self.acc.wait_for_everyone()
             return {}
         from sgsd.evaluate import evaluate_during_training
 
+        test_sets = self.eval_sets if self.cfg.eval.test_in_loop else {}
         summary = evaluate_during_training(
-            self.cfg, self._policy_generator(), self.eval_sets, self.run_dir / "eval" / f"step-{step:06d}", step,
+            self.cfg, self._policy_generator(), test_sets, self.run_dir / "eval" / f"step-{step:06d}", step,
             retriever=self.retriever if self.cfg.eval.with_skills else None, train_time_s=self.train_time_s,
+            validation_sets=self.val_sets, extra={k: round(v, 3) for k, v in self.counters.items()},
         )  # fmt: skip
         self.model.train()
         if self.trackers is not None:
             self.trackers.log_eval(summary, step)
         k = self.cfg.eval.k
         line = ", ".join(f"{src}: avg@{k} {r['avg@k']:.3f}" for src, r in summary["results"].items())
+        line += "".join(f", val {src}: {r['avg@k']:.3f}" for src, r in summary.get("validation", {}).items())
         print(f"eval step {step}: {line}")
         self.acc.wait_for_everyone()
         return summary
+
+
+# cumulative compute, in every metrics row: training CPU-seconds, rollouts and completion tokens generated
+COUNTERS = ("train_cpu_s", "rollouts_total", "completion_tokens_total")
 
 
 def _reached(before: int, after: int, every: int) -> bool:

@@ -127,3 +127,12 @@ def test_unknown_packaged_config_names_the_options():
 
     with pytest.raises(ConfigError, match="unknown config 'dmeo'; packaged configs: .*demo"):
         resolve_config_path("dmeo")
+
+
+def test_validation_only_in_loop_evaluation_needs_a_validation_split():
+    with pytest.raises(ConfigError, match="eval.test_in_loop=false needs data.validation_size"):
+        load_config(None, ["eval.test_in_loop=false"])
+    cfg = load_config(None, ["eval.test_in_loop=false", "data.validation_size=8", "train.cpu_budget_s=60"])
+    assert cfg.data.validation_size == 8 and cfg.train.cpu_budget_s == 60.0
+    with pytest.raises(ConfigError, match="train.cpu_budget_s must be >= 0"):
+        load_config(None, ["train.cpu_budget_s=-1"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import pytest
 from conftest import FIXTURES
@@ -21,6 +22,7 @@ from sgsd.data import (
     text_fingerprint,
 )
 from sgsd.errors import DataError
+from sgsd.fileio import atomic_write_jsonl
 
 DATASETS = FIXTURES / "datasets"
 DAPO_Q1 = "Let $x$ satisfy $2x+3=11$. Find $x$."
@@ -71,6 +73,43 @@ def test_reasoning_gym_train_and_eval_are_disjoint_after_the_guard():
     assert dropped and len(kept) + len(dropped) == 100
     assert not any(text_fingerprint(p.question) in held_prints for p in kept)
     assert all(text_fingerprint(p.question) in held_prints for p in dropped)
+
+
+def _split_config(source: str, eval_size: int, validation_size: int | None, train_size: int | None = None):
+    from sgsd.config import DataConfig
+
+    return DataConfig(train_source=source, train_size=train_size, eval_sources=[source], eval_size=eval_size,
+                      validation_size=validation_size, seed=0)  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["generator", "file"])
+def test_training_validation_and_test_sets_are_disjoint(tmp_path, kind):
+    from sgsd.data import held_out_sets, training_problems, validation_sets
+
+    if kind == "generator":  # a tiny space (81 sums of two digits): the seeded draws overlap by chance
+        source = "reasoning_gym:chain_sum?min_terms=2&max_terms=2&min_digits=1&max_digits=1"
+        cfg = _split_config(source, eval_size=20, validation_size=20, train_size=100)
+    else:  # 60 distinct problems in a file; test and validation are samples of it
+        source = str(tmp_path / "p.jsonl")
+        atomic_write_jsonl(
+            Path(source), [{"question": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(60)]
+        )
+        cfg = _split_config(source, eval_size=20, validation_size=20)
+    test = held_out_sets(cfg)
+    val = validation_sets(cfg, test)
+    train = training_problems(cfg, test, val)
+    prints = [{text_fingerprint(p.question) for p in probs} for probs in (test[source], val[source], train)]
+    assert (
+        prints[0].isdisjoint(prints[1])
+        and prints[0].isdisjoint(prints[2])
+        and prints[1].isdisjoint(prints[2])
+    )
+    if kind == "file":  # nothing needs dropping: exactly 20 + 20 held out, the other 20 train
+        assert [len(test[source]), len(val[source]), len(train)] == [20, 20, 20]
+    else:  # repeats of test problems are replaced by later draws; training just loses them
+        assert len(val[source]) == 20 and len(train) < 100
+    assert val == validation_sets(cfg, held_out_sets(cfg))  # seeded: the same split every time
+    assert validation_sets(_split_config(source, 20, None), test) == {}
 
 
 # ---------------------------------------------------------------------------------------------------

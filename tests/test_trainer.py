@@ -384,3 +384,74 @@ def test_support_estimators_and_the_topk_gate_reach_the_objective(
             assert kwargs["null_delta"].shape == (teacher.shape[0], teacher.shape[2])
         else:
             assert kwargs["support_estimator"] == "teacher_centred" and kwargs["null_delta"] is None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Compute budgets in CPU-seconds, the counters, the validation split, GRPO's mixed groups
+
+
+def test_cpu_budget_stops_the_run_and_rows_count_compute(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    _alternating_grades(monkeypatch)
+    run = _train(
+        tmp_path, tiny_model_dir, "train.steps=50", "train.cpu_budget_s=0.000001", "train.eval_at_start=false"
+    )
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1]  # any CPU time spent exceeds the budget after one step
+    assert "CPU budget of 0 CPU-s reached at step 1" in capsys.readouterr().out
+    assert rows[0]["train_cpu_s"] > 0
+    assert rows[0]["rollouts_total"] == 2  # train.batch_size 2, one rollout each
+    assert rows[0]["completion_tokens_total"] == pytest.approx(2 * rows[0]["completion_tokens"])
+    summary = json.loads((run / "eval" / "step-000001" / "summary.json").read_text())
+    assert summary["train_cpu_s"] == rows[0]["train_cpu_s"] and summary["rollouts_total"] == 2
+
+
+def test_eval_every_cpu_s_evaluates_on_the_test_and_validation_splits(tmp_path, tiny_model_dir, monkeypatch):
+    _alternating_grades(monkeypatch)
+    run = _train(
+        tmp_path, tiny_model_dir, "train.steps=2", "train.eval_every_cpu_s=0.000001", "data.validation_size=2"
+    )
+    for step in (0, 1, 2):  # step 1 only because its CPU time is due; 0 and 2 start and end the run
+        folder = run / "eval" / f"step-{step:06d}"
+        summary = json.loads((folder / "summary.json").read_text())
+        assert list(summary["results"]) == list(summary["validation"]) == ["reasoning_gym-chain_sum"]
+        val = read_jsonl(folder / "validation" / "reasoning_gym-chain_sum.jsonl")
+        test = read_jsonl(folder / "reasoning_gym-chain_sum.jsonl")
+        assert len(val) == 2 and {r["question"] for r in val}.isdisjoint(r["question"] for r in test)
+    no_cpu_eval = _train(tmp_path, tiny_model_dir, "train.steps=2", name="plain")
+    assert not (no_cpu_eval / "eval" / "step-000001").exists()
+
+
+def test_compute_counters_survive_a_resume(tmp_path, tiny_model_dir, monkeypatch):
+    _alternating_grades(monkeypatch)
+    run = _train(tmp_path, tiny_model_dir, "train.steps=2", "train.save_every=2")
+    before = read_jsonl(run / "metrics.jsonl")
+    rc = main(
+        ["train", "-c", "tiny", "-o", str(run), "--resume", f"model.name={tiny_model_dir}", "train.steps=4"]
+    )
+    assert rc == 0
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert rows[:2] == before
+    assert [r["rollouts_total"] for r in rows] == [2, 4, 6, 8]
+    cpu = [r["train_cpu_s"] for r in rows]
+    assert cpu == sorted(cpu) and cpu[2] > cpu[1] > 0  # continues from step 2's total, not from 0
+    tokens = [r["completion_tokens_total"] for r in rows]
+    assert tokens[3] == pytest.approx(
+        tokens[1] + 2 * (rows[2]["completion_tokens"] + rows[3]["completion_tokens"])
+    )
+
+
+def test_grpo_logs_the_fraction_of_mixed_groups(tmp_path, tiny_model_dir, monkeypatch):
+    _alternating_grades(monkeypatch)  # rewards alternate within every group of 2: all groups mixed
+    run = _train(tmp_path, tiny_model_dir, "train.method=grpo", "rollout.num_generations=2")
+    assert [r["mixed_group_fraction"] for r in read_jsonl(run / "metrics.jsonl")] == [1.0, 1.0]
+    sgsd = _train(tmp_path, tiny_model_dir, "train.method=sgsd", *DEMO_RETRIEVAL, name="sgsd")
+    assert all("mixed_group_fraction" not in r for r in read_jsonl(sgsd / "metrics.jsonl"))
+
+
+def test_mixed_group_fraction_by_hand():
+    from sgsd.metrics import mixed_group_fraction
+
+    # group 0: +1, -1 (mixed); group 1: -1, -1 (all wrong); group 2: +1, +1 (all right) -> 1 of 3
+    pairs = [(0, 1.0), (0, -1.0), (1, -1.0), (1, -1.0), (2, 1.0), (2, 1.0)]
+    assert mixed_group_fraction(pairs) == pytest.approx(1 / 3)
+    assert mixed_group_fraction([]) == 0.0

@@ -3,6 +3,7 @@
     sgsd eval --config configs/demo.yaml                       # the configured model
     sgsd eval --config configs/demo.yaml --adapter runs/x/checkpoints/step-000050/adapter --out results/x50
     sgsd eval --run runs/x [--checkpoints all|best|0,25,50] [--validation-sources hf:math500]
+    sgsd eval --config c.yaml data.validation_size=64 --split validation   # the validation split instead
 
 With --run the run's own config.yaml is used unless --config is given, results go to RUN/eval
 (step-N/SOURCE.jsonl, step-N/summary.json, selection.json), and `best` re-evaluates the checkpoint
@@ -34,6 +35,12 @@ def add_arguments(parser):
         nargs="+",
         default=[],
         help="held-out sources used only to select a checkpoint",
+    )
+    parser.add_argument(
+        "--split",
+        choices=["test", "validation"],
+        default="test",
+        help="the sources' test problems (default), or their validation split (data.validation_size)",
     )
     parser.add_argument("--k", type=int, help="samples per problem (default: eval.k)")
     parser.add_argument(
@@ -69,6 +76,8 @@ def run(args) -> int:
 
     if run_dir is None and args.checkpoints != "all":
         raise UserError("--checkpoints needs --run RUN_DIR")
+    if args.split == "validation" and (run_dir is not None or not cfg.data.validation_size):
+        raise UserError("--split validation needs data.validation_size and evaluates a model, not a --run")
     test_sources = args.sources or cfg.data.eval_sources
     out = Path(args.out) if args.out else None
     steps = None
@@ -76,13 +85,15 @@ def run(args) -> int:
         out = out or run_dir / "eval"
         steps = _parse_checkpoints(args.checkpoints, out, [source_slug(s) for s in test_sources])
 
-    from sgsd.data import held_out_sets
+    from sgsd.data import held_out_sets, validation_sets
     from sgsd.evaluate import eval_seed
     from sgsd.generation import sampling_params
     from sgsd.verifier import grade_many
 
     all_sources = list(dict.fromkeys([*test_sources, *args.validation_sources]))
     problems = held_out_sets(cfg.data, all_sources)  # the run's own held-out problems (as in the loop)
+    if args.split == "validation":  # the split the loop evaluates as "validation", apart from these
+        problems = validation_sets(cfg.data, problems)
     params = sampling_params(cfg.eval, n=k)
     grade_fn = partial(
         grade_many,

@@ -1,0 +1,166 @@
+"""benchmarks/learning_v2.py: the pure rules (MDD, task/skills/lr choice) and every phase end to end on a
+tiny random model."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "learning_v2.py"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("learning_v2", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+lv2 = _module()
+
+
+def test_mdd_by_hand():
+    # z_0.975 + z_0.8 = 1.959964 + 0.841621 = 2.801585
+    # p = 0.5, 544 samples, 3 seeds: var = 0.25 / 544 = 4.5956e-4; 2 var / 3 = 3.0637e-4; sqrt = 0.017504
+    # -> 2.801585 * 0.017504 = 0.049038 -> 4.90 points
+    assert lv2.minimum_detectable_difference(0.5, 544, 3) == pytest.approx(4.9038, abs=1e-3)
+    # with a between-seed sd of 2 points: var = 4.5956e-4 + 4e-4 = 8.5956e-4; 2 var / 3 = 5.7304e-4;
+    # sqrt = 0.023938 -> 2.801585 * 0.023938 = 0.067065 -> 6.71 points
+    assert lv2.minimum_detectable_difference(0.5, 544, 3, seed_sd=0.02) == pytest.approx(6.7065, abs=1e-3)
+    # more seeds or samples shrink it; p = 0 or 1 has no binomial variance
+    assert lv2.minimum_detectable_difference(0.5, 544, 6) < lv2.minimum_detectable_difference(0.5, 544, 3)
+    assert lv2.minimum_detectable_difference(1.0, 544, 3) == 0.0
+    with pytest.raises(ValueError):
+        lv2.minimum_detectable_difference(0.5, 0, 3)
+
+
+def test_choose_lr_best_then_paper_then_smallest():
+    assert lv2.choose_lr({5e-6: 30.0, 2e-5: 35.0, 1e-4: 33.0}) == 2e-5  # the best validation score
+    assert lv2.choose_lr({5e-6: 35.0, 2e-5: 35.0, 1e-4: 20.0}) == 5e-6  # a tie: the paper's rate
+    assert lv2.choose_lr({5e-6: 20.0, 2e-5: 35.0, 1e-4: 35.0}) == 2e-5  # a tie without it: the smaller
+    assert lv2.choose_lr({5e-6: 34.0, 2e-5: 35.0}, tie=1.0) == 5e-6  # within 1 point counts as tied
+    assert lv2.choose_lr({5e-6: math.nan, 1e-4: 10.0}) == 1e-4  # a run without a score is left out
+    with pytest.raises(ValueError):
+        lv2.choose_lr({5e-6: math.nan})
+
+
+def test_choose_task_and_skills_rules():
+    def cand(success, truncated, tokens):
+        return {"success": success, "truncated_fraction": truncated, "max_new_tokens": tokens}
+
+    results = [cand(0.2, 0.0, 224), cand(0.45, 0.05, 320), cand(0.55, 0.02, 224), cand(0.5, 0.3, 224)]
+    # 0.2: too hard; 0.5 at 30% truncated: cut off; 0.45 and 0.55 tie at 0.05 from 50% -> fewer tokens
+    assert lv2.choose_task(results) is results[2]
+    assert lv2.passing_tasks(results) == [results[2], results[1]]
+    assert lv2.choose_task([cand(0.9, 0.0, 224)]) is None
+
+    rows = [
+        {"bank": "a", "gain": 5.0, "auc": 0.55, "auc_lo": 0.45},  # helps, does not separate
+        {"bank": "b", "gain": 1.0, "auc": 0.60, "auc_lo": 0.52},  # both
+        {"bank": "c", "gain": -2.0, "auc": 0.70, "auc_lo": 0.60},  # separates only
+    ]
+    assert lv2.choose_skills(rows)["bank"] == "b"
+    assert lv2.choose_skills(rows[::2])["bank"] == "c"  # one condition each: the higher AUC
+    assert lv2.choose_skills([]) is None
+
+
+def test_variants_are_valid_configs():
+    from sgsd.config import load_config
+
+    vs = lv2.variants(group_size=8, estimator="expected")
+    assert list(vs) == ["grpo", "opsd", "sgsd", "sgsd_expected", "sgsd_no_polarity"]
+    cfgs = {name: load_config(lv2.DEFAULT_CONFIG, overrides) for name, (_, overrides) in vs.items()}
+    assert cfgs["grpo"].rollout.num_generations == 8 and cfgs["grpo"].train.max_grad_norm == 1.0
+    assert cfgs["opsd"].objective.opsd_clip == 0.05 and cfgs["opsd"].teachers.mode == "frozen"
+    assert cfgs["sgsd_expected"].objective.support_estimator == "expected"
+    assert cfgs["sgsd_no_polarity"].objective.use_polarity is False
+    assert all(c.train.lr_scheduler == "linear" and c.data.validation_size for c in cfgs.values())
+    assert cfgs["sgsd"].train.max_grad_norm == 0.1
+    assert "sgsd_paper" not in lv2.variants(estimator="paper")  # that is the sgsd run itself
+
+
+def test_task_overrides_quote_sources_with_options():
+    from sgsd.config import load_config
+
+    source = "reasoning_gym:chain_sum?min_terms=2&max_terms=3&max_digits=2"
+    cfg = load_config(lv2.DEFAULT_CONFIG, lv2.task_overrides(source, 320))
+    assert cfg.data.train_source == source and cfg.data.eval_sources == [source]
+    assert cfg.rollout.max_new_tokens == cfg.eval.max_new_tokens == 320
+
+
+# ---------------------------------------------------------------------------------------------------
+# Every phase on a tiny random model
+
+
+def _run(out: Path, tiny: Path, phase: str, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    common = ["--config", str(ROOT / "sgsd" / "configs" / "tiny.yaml"), "--set", f"model.name={tiny}",
+              "--set", "data.validation_size=2", "--out", str(out)]  # fmt: skip
+    proc = subprocess.run([sys.executable, str(SCRIPT), phase, *common, *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+@pytest.mark.slow
+def test_every_phase_end_to_end(tmp_path, tiny_model_dir):
+    out = tmp_path / "v2"
+    task = "reasoning_gym:chain_sum?min_terms=2&max_terms=3"
+    _run(out, tiny_model_dir, "task", "--task", task, "--max-new-tokens", "8", "--task-problems", "2",
+         "--task-rollouts", "2", "--success", "0,1", "--max-truncated", "1")  # fmt: skip
+    result = json.loads((out / "task" / "results.json").read_text())["results"][0]
+    assert result["rollouts"] == 4 and {"success", "truncated_fraction", "mixed_problem_fraction"} <= set(
+        result
+    )
+    assert json.loads((out / "task" / "choice.json").read_text()) == {"task": task, "max_new_tokens": 8}
+
+    _run(out, tiny_model_dir, "skills", "--bank", "builtin:starter", "--probe-problems", "2",
+         "--probe-rollouts", "2", "--set", "probe.bootstrap=10")  # fmt: skip
+    skills = json.loads((out / "skills" / "results.json").read_text())
+    assert {"base", "base_skill", "gain", "auc", "paper_auc"} <= set(skills["rows"][0])
+    assert json.loads((out / "skills" / "choice.json").read_text())["bank"] == "builtin:starter"
+
+    _run(out, tiny_model_dir, "lr", "--methods", "sgsd", "--lrs", "0.001", "--lr-budget-cpu-min", "0.001",
+         "--calibration-steps", "2")  # fmt: skip
+    assert json.loads((out / "lr" / "choice.json").read_text()) == {"sgsd": 0.001}
+    lr_eval = next((out / "lr" / "runs" / "sgsd" / "lr-0.001" / "eval").glob("step-*/summary.json"))
+    assert json.loads(lr_eval.read_text())["results"] == {}  # the lr search never looks at the test split
+
+    grid = ["--methods", "sgsd", "--seeds", "0", "--budget-cpu-min", "0.002", "--eval-every-cpu-min", "0.001"]
+    _run(out, tiny_model_dir, "grid", *grid)
+    again = _run(out, tiny_model_dir, "grid", *grid)
+    assert "[skip] sgsd seed 0" in again.stdout  # finished runs are kept and skipped
+    done = json.loads((out / "runs" / "sgsd" / "seed-0" / "done.json").read_text())
+    assert done["train_cpu_s"] > 0 and done["rollouts_total"] >= 2
+    assert "train.lr=1.000000e-03" in done["command"] and any(
+        c.startswith("train.cpu_budget_s=") for c in done["command"]
+    )
+
+    _run(out, tiny_model_dir, "report")
+    table = json.loads((out / "table.json").read_text())
+    run = table["variants"]["sgsd"]["runs"][0]
+    assert {"base", "final", "best_val_step", "best_val_test", "steps", "rollouts", "completion_tokens",
+            "cpu_min"} <= set(run)  # fmt: skip
+    assert {"mdd_binomial", "samples", "seeds"} <= set(table["mdd"])
+    assert "MDD = " in (out / "table.md").read_text()
+    assert "Support by outcome" in (out / "diagnostics.md").read_text()
+    assert (out / "learning.png").stat().st_size > 10_000
+
+
+def test_float_overrides_read_back_as_floats():
+    from sgsd.config import load_config
+
+    for lr in (5e-6, 2e-5, 1e-4):  # f"{5e-6:g}" = "5e-06", which YAML reads as text
+        cfg = load_config(
+            lv2.DEFAULT_CONFIG,
+            [f"train.lr={lv2.yaml_float(lr)}", f"train.cpu_budget_s={lv2.yaml_float(6e-5)}"],
+        )
+        assert cfg.train.lr == pytest.approx(lr) and cfg.train.cpu_budget_s == pytest.approx(6e-5)
