@@ -132,12 +132,23 @@ class HFGenerator:
     (`GenerationProgress`) when stderr is a terminal.
     """
 
-    def __init__(self, model, tokenizer, batch_size: int = 32, merged: bool = False, progress: bool = False):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        batch_size: int = 32,
+        merged: bool = False,
+        progress: bool = False,
+        candidate_sampling: bool = True,
+    ):
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        # top-k sampling draws from the k candidates only (`CandidateSampler`); False = transformers'
+        # own sampling over the whole vocabulary (same distribution, several times the per-step cost)
+        self.candidate_sampling = candidate_sampling
         self.merged = bool(merged) and has_lora_layers(model)
         self.progress = progress
         self._merged_copy: MergedGenerationCopy | None = None
@@ -204,7 +215,7 @@ class HFGenerator:
         """Left-pad `prompts`, sample with `model`, and return each row's generated ids (may include
         padding). `progress` (a `GenerationProgress`) is told every decoding step's tokens."""
         import torch
-        from transformers import GenerationConfig
+        from transformers import GenerationConfig, LogitsProcessorList
 
         from sgsd.models import adapters_in_base_precision
 
@@ -217,6 +228,10 @@ class HFGenerator:
             input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
             attention_mask[row, width - len(ids) :] = 1
         greedy = params.temperature == 0
+        # with top-k, a CandidateSampler draws the token and generate() only takes its argmax
+        candidates = not greedy and params.top_k > 0 and self.candidate_sampling
+        processors = [CandidateSampler(params.temperature, params.top_k, params.top_p)] if candidates else []
+        greedy = greedy or candidates
         config = GenerationConfig(
             do_sample=not greedy,
             temperature=None if greedy else params.temperature,
@@ -249,6 +264,7 @@ class HFGenerator:
                 input_ids=input_ids.to(device),
                 attention_mask=attention_mask.to(device),
                 generation_config=config,
+                logits_processor=LogitsProcessorList(processors),
                 streamer=progress,
             )  # [R, P + T]
         return output[:, width:].tolist()
@@ -278,6 +294,31 @@ class HFGenerator:
             else:
                 low = mid + 1
         return low
+
+
+class CandidateSampler:
+    """One sampling step of top-k (then top-p) sampling, drawn among the k candidates only.
+
+    transformers samples top-k by masking the other V - k logits, sorting the whole vocabulary for
+    top-p and drawing from a softmax over V: with Qwen's V = 151,936 that is ~9 ms per row per step on
+    one CPU core (benchmarks/README.md, "Sampling among the top-k candidates"), as much as the 0.5B
+    model's own decoding step. Here the candidates come from one top-k (`sgsd.scoring.sampler_distribution`,
+    the same distribution: ties with the k-th logit kept, temperature, then top-p among them) and
+    the token is drawn from those m probabilities with the global torch generator. Used as a logits
+    processor of a greedy `generate()`: it returns logits that are -inf except at the drawn token,
+    so the argmax is the sample. Greedy generation never reaches it (temperature 0)."""
+
+    def __init__(self, temperature: float, top_k: int, top_p: float):
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        from sgsd.scoring import sampler_distribution
+
+        ids, q = sampler_distribution(scores, self.temperature, self.top_k, self.top_p)  # [R, m], [R, m]
+        token = ids.gather(1, torch.multinomial(q, 1))  # [R, 1]
+        return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)  # [R, V]
 
 
 class GenerationProgress:

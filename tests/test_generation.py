@@ -166,6 +166,56 @@ def test_hf_stop_string_cuts_text_and_tokens(tiny):
     assert piece not in tokenizer.decode(stopped.token_ids[:-1], skip_special_tokens=True)
 
 
+def _transformers_probabilities(logits, temperature, top_k, top_p):
+    """transformers' own sampling distribution over the vocabulary: its warpers, then softmax."""
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    warpers = LogitsProcessorList(
+        [TemperatureLogitsWarper(temperature), TopKLogitsWarper(top_k), TopPLogitsWarper(top_p)]
+    )
+    return torch.softmax(warpers(torch.zeros(logits.shape[0], 1, dtype=torch.long), logits.clone()), -1)
+
+
+@pytest.mark.parametrize(
+    "row, top_p, support",
+    [
+        # a tie at the 4th largest logit: both kept, as transformers keeps them (top-p off: which of two
+        # tied tokens a top-p cut removes depends on the sort's order of equal values)
+        ([3.0, 2.5, 2.0, 1.0, 1.0, 0.5, -1.0, -2.0, 0.0, 0.2], 1.0, 5),
+        # top-p cuts inside the top-k candidates
+        ([0.1, 0.3, 0.2, 4.0, 0.0, 0.4, 0.5, 0.6, 0.7, 3.5], 0.9, 2),
+    ],
+)
+def test_candidate_sampler_draws_transformers_distribution(row, top_p, support):
+    logits = torch.tensor([row])  # [1, V]
+    temperature, top_k, draws = 1.1, 4, 20_000
+    expected = _transformers_probabilities(logits, temperature, top_k, top_p)[0]  # [V]
+    assert int((expected > 0).sum()) == support
+    torch.manual_seed(0)
+    out = generation.CandidateSampler(temperature, top_k, top_p)(None, logits.expand(draws, -1))  # [draws, V]
+    assert torch.equal((out == 0).sum(-1), torch.ones(draws, dtype=torch.long))  # one token per row
+    assert torch.isinf(out).sum() == draws * (logits.shape[1] - 1)  # -inf everywhere else
+    frequency = torch.bincount(out.argmax(-1), minlength=logits.shape[1]).float() / draws  # [V]
+    assert torch.all(frequency[expected == 0] == 0)  # nothing outside the sampler's support
+    assert torch.allclose(frequency, expected, atol=0.012)  # 20k draws: standard error <= 0.0036
+
+
+@pytest.mark.parametrize("candidate_sampling", [True, False])
+def test_hf_top_k_one_sampling_is_greedy(tiny, candidate_sampling):
+    model, tokenizer = tiny
+    greedy = HFGenerator(model, tokenizer).generate(
+        PROBLEMS, SamplingParams(temperature=0.0, max_new_tokens=8)
+    )
+    generator = HFGenerator(model, tokenizer, candidate_sampling=candidate_sampling)
+    top1 = generator.generate(PROBLEMS, SamplingParams(temperature=1.3, top_k=1, max_new_tokens=8, seed=4))
+    assert _tokens(top1) == _tokens(greedy)
+
+
 def test_hf_overrides_model_sampling_defaults(tiny):
     """A model's own generation_config (top_k, repetition_penalty) must not leak into sampling."""
     model, tokenizer = tiny
