@@ -175,27 +175,54 @@ def _transformers_probabilities(logits, temperature, top_k, top_p):
         TopPLogitsWarper,
     )
 
-    warpers = LogitsProcessorList(
-        [TemperatureLogitsWarper(temperature), TopKLogitsWarper(top_k), TopPLogitsWarper(top_p)]
-    )
-    return torch.softmax(warpers(torch.zeros(logits.shape[0], 1, dtype=torch.long), logits.clone()), -1)
+    warpers = [TemperatureLogitsWarper(temperature)]
+    warpers += [TopKLogitsWarper(top_k)] if top_k else []
+    warpers += [TopPLogitsWarper(top_p)] if top_p < 1 else []
+    ids = torch.zeros(logits.shape[0], 1, dtype=torch.long)
+    return torch.softmax(LogitsProcessorList(warpers)(ids, logits.clone()), -1)  # [R, V]
+
+
+def _peaked_and_flat_logits(vocab=2000):
+    generator = torch.Generator().manual_seed(0)
+    peaked = torch.randn(vocab, generator=generator) * 3  # the 0.9 nucleus: a few dozen tokens
+    flat = torch.randn(vocab, generator=generator) * 0.1  # the nucleus: most of the vocabulary
+    return peaked, flat
 
 
 @pytest.mark.parametrize(
-    "row, top_p, support",
+    "case, top_k, top_p",
     [
-        # a tie at the 4th largest logit: both kept, as transformers keeps them (top-p off: which of two
-        # tied tokens a top-p cut removes depends on the sort's order of equal values)
-        ([3.0, 2.5, 2.0, 1.0, 1.0, 0.5, -1.0, -2.0, 0.0, 0.2], 1.0, 5),
-        # top-p cuts inside the top-k candidates
-        ([0.1, 0.3, 0.2, 4.0, 0.0, 0.4, 0.5, 0.6, 0.7, 3.5], 0.9, 2),
+        ("tie", 4, 1.0),  # a tie at the 4th largest logit: both kept, as transformers keeps them
+        ("tail", 4, 0.9),  # top-p cuts inside the top-k candidates
+        ("peaked", 0, 0.9),  # top-p alone, nucleus inside the NUCLEUS_CANDIDATES most likely tokens
+        ("flat", 0, 0.9),  # top-p alone, nucleus wider than them: the whole vocabulary is sorted
+        ("peaked+flat", 0, 0.95),  # one row of each in a batch
     ],
 )
-def test_candidate_sampler_draws_transformers_distribution(row, top_p, support):
-    logits = torch.tensor([row])  # [1, V]
-    temperature, top_k, draws = 1.1, 4, 20_000
+def test_candidate_distribution_equals_transformers(case, top_k, top_p):
+    peaked, flat = _peaked_and_flat_logits()
+    logits = {
+        "tie": torch.tensor([[3.0, 2.5, 2.0, 1.0, 1.0, 0.5, -1.0, -2.0, 0.0, 0.2]]),
+        "tail": torch.tensor([[0.1, 0.3, 0.2, 4.0, 0.0, 0.4, 0.5, 0.6, 0.7, 3.5]]),
+        "peaked": peaked[None],
+        "flat": flat[None],
+        "peaked+flat": torch.stack([peaked, flat]),
+    }[case]  # [R, V]
+    expected = _transformers_probabilities(logits, 1.1, top_k, top_p)  # [R, V]
+    ids, q = generation.candidate_distribution(logits, 1.1, top_k, top_p)  # [R, m]
+    got = torch.zeros_like(expected).scatter_add_(1, ids, q)  # [R, V]
+    assert torch.allclose(got, expected, atol=1e-6)
+    if case == "peaked":
+        assert ids.shape[1] == generation.NUCLEUS_CANDIDATES  # the fast path was taken
+    if case == "flat":
+        assert ids.shape[1] == logits.shape[1] and int((expected > 0).sum()) > generation.NUCLEUS_CANDIDATES
+
+
+@pytest.mark.parametrize("top_k, top_p", [(4, 0.9), (0, 0.9)])
+def test_candidate_sampler_draws_transformers_distribution(top_k, top_p):
+    logits = torch.tensor([[0.1, 0.3, 0.2, 4.0, 0.0, 0.4, 0.5, 0.6, 0.7, 3.5, -1.0]])  # [1, V]
+    temperature, draws = 1.1, 20_000
     expected = _transformers_probabilities(logits, temperature, top_k, top_p)[0]  # [V]
-    assert int((expected > 0).sum()) == support
     torch.manual_seed(0)
     out = generation.CandidateSampler(temperature, top_k, top_p)(None, logits.expand(draws, -1))  # [draws, V]
     assert torch.equal((out == 0).sum(-1), torch.ones(draws, dtype=torch.long))  # one token per row
@@ -206,14 +233,15 @@ def test_candidate_sampler_draws_transformers_distribution(row, top_p, support):
 
 
 @pytest.mark.parametrize("candidate_sampling", [True, False])
-def test_hf_top_k_one_sampling_is_greedy(tiny, candidate_sampling):
+@pytest.mark.parametrize("top_k, top_p", [(1, 1.0), (0, 1e-6)])
+def test_hf_sampling_down_to_one_candidate_is_greedy(tiny, candidate_sampling, top_k, top_p):
     model, tokenizer = tiny
     greedy = HFGenerator(model, tokenizer).generate(
         PROBLEMS, SamplingParams(temperature=0.0, max_new_tokens=8)
     )
     generator = HFGenerator(model, tokenizer, candidate_sampling=candidate_sampling)
-    top1 = generator.generate(PROBLEMS, SamplingParams(temperature=1.3, top_k=1, max_new_tokens=8, seed=4))
-    assert _tokens(top1) == _tokens(greedy)
+    params = SamplingParams(temperature=1.3, top_k=top_k, top_p=top_p, max_new_tokens=8, seed=4)
+    assert _tokens(generator.generate(PROBLEMS, params)) == _tokens(greedy)
 
 
 def test_hf_overrides_model_sampling_defaults(tiny):
