@@ -157,6 +157,10 @@ class Engine:
         self.kind = engine_kind(acc)
         self.sharded = self.kind == "fsdp" or (self.kind == "deepspeed" and deepspeed_stage(acc) == 3)
         self.plain = DecoderForward(policy)  # the unwrapped forward (same parameters)
+        if self.kind == "deepspeed":  # no dataloader to read it from; DeepSpeed only logs throughput with it
+            config = acc.state.deepspeed_plugin.deepspeed_config
+            if config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+                config["train_micro_batch_size_per_gpu"] = 1
         self.module, self.optimizer, self.scheduler = acc.prepare(
             DecoderForward(policy), optimizer, scheduler
         )
