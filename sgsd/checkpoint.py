@@ -4,6 +4,8 @@
         trainable.safetensors   every trainable parameter by name (LoRA or full fine-tuning)
         adapter/                PEFT adapter (for `sgsd eval --adapter`), when the model has one
         trainer_state.pt        optimizer, scheduler, teacher (EMA / periodic) and RNG states
+        optimizer/              under an engine that shards it (FSDP): the optimizer state, one shard
+                                per rank (torch.distributed.checkpoint), instead of trainer_state's
         bank.json, ledger.json  the skill bank and ledger at this step (skill methods)
         evolver.json            the online-evolution window of recent rollouts
         state.json              {"step": 25, "complete": true}  -- written last
@@ -74,30 +76,43 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def shard_staging_dir(run_dir, step: int) -> Path:
+    """Where every rank writes its optimizer shard before the main process's `save` moves it into
+    the checkpoint (a fixed name, known to all ranks)."""
+    return Path(run_dir) / "checkpoints" / f".shards-{STEP_PREFIX}{step:06d}"
+
+
 def save(
-    run_dir, step: int, *, model, optimizer, scheduler, teacher=None, bank=None, ledger=None, evolver=None
-) -> Path:
+    run_dir, step: int, *, model, optimizer, scheduler, teacher=None, bank=None, ledger=None, evolver=None,
+    trainable: dict | None = None, teacher_state: dict | None = None, optimizer_shards: Path | None = None,
+) -> Path:  # fmt: skip
+    """Write checkpoint `step`. `trainable` and `teacher_state`, when given, are the whole tensors an
+    engine gathered on every rank (FSDP), used instead of reading `model` and `teacher` here;
+    `optimizer_shards` is a folder of sharded optimizer state, moved in as `optimizer/` (and the
+    optimizer is then not in trainer_state.pt)."""
     from safetensors.torch import save_file
 
     final = checkpoint_dir(run_dir, step)
     final.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(run_dir)
+    remove_stale_temporaries(run_dir, keep=optimizer_shards)
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
     tmp.mkdir()
     try:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        save_file(
+            trainable if trainable is not None else trainable_state(model), str(tmp / "trainable.safetensors")
+        )
         maybe_fault("checkpoint", step)  # test-only kill point (sgsd/faults.py)
         if hasattr(model, "peft_config"):
-            model.save_pretrained(str(tmp / "adapter"), selected_adapters=["default"])
-        torch.save(
-            {
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "teacher": teacher.state_dict() if teacher is not None else None,
-                "rng": _rng_state(),
-            },
-            tmp / "trainer_state.pt",
-        )
+            # state_dict: the gathered tensors when an engine shards the model (None: PEFT reads them)
+            model.save_pretrained(str(tmp / "adapter"), selected_adapters=["default"], state_dict=trainable)
+        if teacher_state is None and teacher is not None:
+            teacher_state = teacher.state_dict()
+        blob = {"scheduler": scheduler.state_dict(), "teacher": teacher_state, "rng": _rng_state()}
+        if optimizer_shards is None:
+            blob["optimizer"] = optimizer.state_dict()
+        else:
+            os.replace(optimizer_shards, tmp / "optimizer")
+        torch.save(blob, tmp / "trainer_state.pt")
         if bank is not None:
             bank.save(tmp / "bank.json")
         if ledger is not None:
@@ -124,13 +139,16 @@ def save(
     return final
 
 
-def remove_stale_temporaries(run_dir) -> None:
-    """Delete the hidden `.tmp-*` / `.old-*` folders that a killed save leaves behind (each can hold a
-    full copy of the weights). Only the main process saves, so no other save is in flight."""
+def remove_stale_temporaries(run_dir, keep: Path | None = None) -> None:
+    """Delete the hidden `.tmp-*` / `.old-*` / `.shards-*` folders that a killed save leaves behind
+    (each can hold a full copy of the weights), except `keep` (the shards of the save in progress).
+    Only the main process saves, so no other save is in flight."""
     root = Path(run_dir) / "checkpoints"
     if root.is_dir():
         for d in root.iterdir():
-            if d.is_dir() and d.name.startswith((".tmp-", ".old-")):
+            if keep is not None and d == Path(keep):
+                continue
+            if d.is_dir() and d.name.startswith((".tmp-", ".old-", ".shards-")):
                 shutil.rmtree(d, ignore_errors=True)
 
 
@@ -151,9 +169,14 @@ def complete_checkpoints(run_dir) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX) :]))
 
 
-def load_latest(run_dir, *, model, optimizer, scheduler, teacher=None, evolver=None) -> dict | None:
-    """Restore the newest complete checkpoint into the given objects; returns its state or None."""
+def load_latest(
+    run_dir, *, model, optimizer, scheduler, teacher=None, evolver=None, load_sharded_optimizer=None
+) -> dict | None:
+    """Restore the newest complete checkpoint into the given objects; returns its state or None.
+    `load_sharded_optimizer(folder)` restores an `optimizer/` folder of shards (FSDP)."""
     from safetensors.torch import load_file
+
+    from sgsd.engine import copy_into
 
     found = complete_checkpoints(run_dir)
     if not found:
@@ -166,7 +189,7 @@ def load_latest(run_dir, *, model, optimizer, scheduler, teacher=None, evolver=N
         raise UserError(f"checkpoint {d} does not match the model: unknown parameter {missing[0]}")
     with torch.no_grad():
         for name, value in tensors.items():
-            params[name].copy_(value.to(params[name].device, params[name].dtype))
+            copy_into(params[name], value)  # sharded parameters (FSDP) take their shard
     try:  # weights_only: a checkpoint from elsewhere cannot run code when it is unpickled
         blob = torch.load(d / "trainer_state.pt", map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -174,7 +197,18 @@ def load_latest(run_dir, *, model, optimizer, scheduler, teacher=None, evolver=N
             f"{d / 'trainer_state.pt'} holds objects other than tensors and plain values; "
             "refusing to unpickle it (written by an older sgsd, or not by sgsd)"
         ) from exc
-    optimizer.load_state_dict(blob["optimizer"])
+    if "optimizer" in blob:
+        if load_sharded_optimizer is not None:
+            raise UserError(
+                f"checkpoint {d} holds a whole optimizer state; resume it under the engine that wrote it"
+            )
+        optimizer.load_state_dict(blob["optimizer"])
+    elif load_sharded_optimizer is None:
+        raise UserError(
+            f"checkpoint {d} holds a sharded optimizer state (written under FSDP); resume it under FSDP"
+        )
+    else:
+        load_sharded_optimizer(d / "optimizer")
     scheduler.load_state_dict(blob["scheduler"])
     if teacher is not None and blob.get("teacher") is not None:
         teacher.load_state_dict(blob["teacher"])

@@ -544,13 +544,26 @@ class TeacherPolicy:
                     teacher_param.copy_(student_param.detach())
 
     def state_dict(self) -> dict:
-        """Mode, settings and (ema/periodic) the teacher adapter tensors, for checkpoints."""
+        """Mode, settings and (ema/periodic) the teacher adapter tensors, for checkpoints (whole
+        tensors: under FSDP every rank must call this, as the shards are gathered)."""
+        from sgsd.engine import full_tensor
+
         return {
             "mode": self.mode,
             "ema_decay": self.ema_decay,
             "periodic_every": self.periodic_every,
-            "adapter": [t.detach().cpu().clone() for t, _ in self._pairs],
+            "adapter": [full_tensor(t).detach().cpu().clone() for t, _ in self._pairs],
         }
+
+    def bind_parameters(self) -> None:
+        """Find the (teacher, trainable) adapter pairs again: an engine that shards the model (FSDP)
+        replaces its parameters by new ones, so the pairs found at construction are stale after
+        `accelerator.prepare`."""
+        if not self.adapter_name:
+            return
+        params = dict(self.model.named_parameters())
+        src_tag, dst_tag = f".{TRAINABLE_ADAPTER}.", f".{self.adapter_name}."
+        self._pairs = [(p, params[n.replace(dst_tag, src_tag)]) for n, p in params.items() if dst_tag in n]
 
     def load_state_dict(self, state: dict) -> None:
         import torch
@@ -560,6 +573,8 @@ class TeacherPolicy:
         tensors = state.get("adapter", [])
         if len(tensors) != len(self._pairs):
             raise UserError(f"checkpoint teacher has {len(tensors)} tensors, the model {len(self._pairs)}")
+        from sgsd.engine import copy_into
+
         with torch.no_grad():
             for (teacher_param, _), saved in zip(self._pairs, tensors, strict=True):
-                teacher_param.copy_(saved.to(teacher_param.device, teacher_param.dtype))
+                copy_into(teacher_param, saved)

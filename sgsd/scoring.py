@@ -76,6 +76,7 @@ class _CausalLMParts:
     head: torch.nn.Module
     softcap: float | None  # final logit soft-capping (Gemma 2 style), applied after the head
     logit_scale: float | None  # constant logit multiplier (Cohere style)
+    routed: bool = False  # decoder is sgsd.engine.ScoringModel.decoder (returns hidden states)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits `[n, V]` from hidden states `[n, H]`, in the model dtype."""
@@ -88,7 +89,14 @@ class _CausalLMParts:
 
 
 def _causal_lm_parts(model: torch.nn.Module) -> _CausalLMParts:
-    """Decoder and head of a HF causal LM, plain or PEFT-wrapped (LoRA layers stay in place)."""
+    """Decoder and head of a HF causal LM, plain or PEFT-wrapped (LoRA layers stay in place). In
+    training the model is an `sgsd.engine.ScoringModel`: the head is the policy's, and decoder forwards
+    go through the training engine (DDP / FSDP / DeepSpeed) as it routes them."""
+    from sgsd.engine import ScoringModel
+
+    if isinstance(model, ScoringModel):
+        parts = _causal_lm_parts(model.policy)
+        return _CausalLMParts(model.decoder, parts.head, parts.softcap, parts.logit_scale, routed=True)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     if head is None or not hasattr(base, "get_decoder"):
@@ -150,15 +158,20 @@ def _pack(prompts: TokenIds, completions: TokenIds, pad_id: int, device: torch.d
 
 def _completion_hidden(parts: _CausalLMParts, packed: _Packed) -> torch.Tensor:
     """Decoder hidden states at the valid completion positions, flattened row-major: `[N, H]`."""
-    with adapters_in_base_precision(parts.decoder):
-        out = parts.decoder(
-            input_ids=packed.input_ids,
-            attention_mask=packed.attention_mask,
-            position_ids=packed.position_ids,
-            use_cache=False,
-        )
+    if parts.routed:  # the engine's forward (sgsd.engine.DecoderForward) returns the hidden states
+        states = parts.decoder(
+            input_ids=packed.input_ids, attention_mask=packed.attention_mask, position_ids=packed.position_ids
+        )  # [R, L, H]
+    else:
+        with adapters_in_base_precision(parts.decoder):
+            states = parts.decoder(
+                input_ids=packed.input_ids,
+                attention_mask=packed.attention_mask,
+                position_ids=packed.position_ids,
+                use_cache=False,
+            ).last_hidden_state  # [R, L, H]
     width_t = packed.targets.shape[1]
-    hidden = out.last_hidden_state[:, packed.first : packed.first + width_t]  # [R, T, H]
+    hidden = states[:, packed.first : packed.first + width_t]  # [R, T, H]
     return hidden[packed.valid]  # [N, H] (a contiguous copy)
 
 

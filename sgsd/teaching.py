@@ -263,11 +263,16 @@ class MicroBatchLoss:
 
     def normalizer(self, rollouts: list) -> float:
         """What the batch objective averages over: the kept tokens of the whole batch (token_mean
-        aggregation) or its rollouts."""
+        aggregation) or its rollouts (at least 1)."""
+        return max(1.0, self.batch_count(rollouts))
+
+    def batch_count(self, rollouts: list) -> float:
+        """The kept tokens (token_mean) or rollouts of `rollouts`; the trainer sums it over ranks, so
+        the normaliser is the whole step's batch's on every rank."""
         if self.aggregation == "token_mean":
             ids = completion_ids_of(rollouts, self.pad_id)
-            return float(max(1, int(self._mask(ids, completion_valid(ids, "cpu")).sum())))
-        return float(max(1, len(rollouts)))
+            return float(int(self._mask(ids, completion_valid(ids, "cpu")).sum()))
+        return float(len(rollouts))
 
     def _mask(self, completions, valid: torch.Tensor) -> torch.Tensor:
         return (

@@ -23,15 +23,19 @@ Methods are data (`sgsd.methods`), objectives are named (`sgsd.objectives.OBJECT
 teachers of a micro-batch are built in one place (`sgsd.teaching`), so this loop has no per-method
 branches and comparisons share one rollout path, one verifier and one evaluation.
 
-Distributed runs (Accelerate, several processes): each rank takes its share of the step's problems,
-gradients of the trainable parameters are averaged across ranks before the optimizer step, rollout
-records are gathered, and the online bank update runs on the main process and is broadcast, so every
-rank ends each step with identical weights and an identical bank.
+Distributed runs (`accelerate launch --config_file configs/accelerate/...`: DDP, FSDP2, DeepSpeed; see
+`sgsd.engine`): the policy, optimizer and schedule go through `accelerator.prepare`; each rank takes its
+equal share of the step's problems; the objective is normalised by the whole step's batch over all
+ranks, and the engine reduces the gradients after each step's last micro-batch (its own accumulation),
+so every rank's update is the one a single process would make on the whole batch. Rollout records are
+gathered and the online bank update runs on the main process and is broadcast, so every rank ends each
+step with identical weights and an identical bank.
 """
 
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +48,7 @@ from sgsd import objectives as obj
 from sgsd.components import build_optimizer, build_policy, build_skills, extraction_generator, seed_everything
 from sgsd.config import Config, config_to_dict, dump_config
 from sgsd.data import held_out_sets, step_problems, training_problems, validation_sets
+from sgsd.engine import Engine, check_setup, make_accelerator
 from sgsd.errors import UserError
 from sgsd.faults import maybe_fault
 from sgsd.fileio import append_jsonl, atomic_write_text
@@ -77,13 +82,12 @@ class Trainer:
     """Builds everything from a `Config` and runs `train()`. See the module docstring for the loop."""
 
     def __init__(self, cfg: Config, run_dir: str | Path, resume: bool = False, accelerator=None):
-        from accelerate import Accelerator
-
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.spec = method_spec(cfg.train.method)
         self.objective = obj.objective_spec(self.spec.objective_name(cfg.objective.loss))
-        self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        self.acc = accelerator or make_accelerator()
         self.is_main = self.acc.is_main_process
+        check_setup(cfg, self.acc)  # before any loading: an engine that cannot run this config fails now
         seed_everything(cfg.train.seed)
         self.eval_sets = held_out_sets(cfg.data)
         self.val_sets = validation_sets(cfg.data, self.eval_sets)  # {} without data.validation_size
@@ -96,13 +100,18 @@ class Trainer:
         self.pad_id = self.tokenizer.pad_token_id
         self._synced_step: int | None = None  # the step whose weights a vllm engine samples with
         self.passes = cfg.objective.grpo_iterations if self.spec.grouped else 1  # optimizer steps per batch
-        self.loss = MicroBatchLoss(
-            self.spec, self.objective, cfg, self.model, self.tokenizer, self.teacher.scoring
-        )
-        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        if not self.trainable:
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        if not trainable:
             raise UserError("the model has no trainable parameters (check model.lora_target_modules)")
-        self.optimizer, self.scheduler = build_optimizer(cfg, self.trainable)
+        # the policy, optimizer and schedule through accelerator.prepare (DDP / FSDP / DeepSpeed / none);
+        # the accumulation length first, as DeepSpeed reads it when preparing
+        self.acc.gradient_accumulation_steps = self._micro_batches(self._rollouts_per_rank())
+        self.engine = Engine(self.acc, self.model, *build_optimizer(cfg, trainable))
+        self.optimizer, self.scheduler = self.engine.optimizer, self.engine.scheduler
+        self.teacher.bind_parameters()  # FSDP replaced the parameters the teacher adapter pairs with
+        self.loss = MicroBatchLoss(  # student forwards through the engine, teachers as it routes them
+            self.spec, self.objective, cfg, self.engine.scoring_model, self.tokenizer, self.teacher.scoring
+        )
         self.step, self.train_time_s, self.last_eval_time_s, self.last_eval_step = 0, 0.0, 0.0, -1
         # compute spent so far, logged cumulatively in every metrics row and restored on resume
         self.counters = dict.fromkeys(COUNTERS, 0.0)
@@ -297,7 +306,8 @@ class Trainer:
         seed = self.cfg.train.seed * 7919 + round_index * 104_729 + self.acc.process_index
         params = sampling_params(r, n=r.num_generations, seed=seed)
         generator = self._policy_generator(all_ranks=True)
-        outputs = generator.generate(texts, params, enable_thinking=r.enable_thinking)
+        with self.engine.generation():  # FSDP: the whole weights, gathered once for the batch
+            outputs = generator.generate(texts, params, enable_thinking=r.enable_thinking)
         return [
             Rollout(
                 problem,
@@ -325,22 +335,32 @@ class Trainer:
 
     # ------------------------------------------------------------------ gradients and the update
 
+    @property
+    def trainable(self) -> list:
+        """The trainable parameters as the engine holds them (sharded under FSDP)."""
+        return self.engine.trainable()
+
     def accumulate_gradients(self, rollouts: list[Rollout]) -> tuple[dict, list[dict]]:
-        """Backward of the batch objective over micro-batches (gradients accumulate in `.grad`); returns
-        the step's metrics and each micro-batch's evidence. Stops at the first non-finite loss."""
-        self.model.train()
+        """Backward of the batch objective over micro-batches (gradients accumulate in `.grad`, reduced
+        across ranks by the engine after the last one); returns the step's metrics and each micro-batch's
+        evidence. The objective is normalised by the whole step's batch over all ranks. Every
+        micro-batch runs on every rank even after a non-finite loss (the engine's collectives need the
+        same calls on all ranks); such a step is then skipped by `_apply_update`."""
+        self.engine.module.train()
         self.optimizer.zero_grad(set_to_none=True)
         meter, evidence, batch_loss = MetricMeter(), [], 0.0
         size = self._micro_batch()
-        normalizer = self.loss.normalizer(rollouts)
+        normalizer = max(1.0, self._all_ranks_sum(self.loss.batch_count(rollouts)))
         nonfinite = False
+        self.engine.start_step(self._micro_batches(len(rollouts)))
         for start in range(0, len(rollouts), size):
             chunk = rollouts[start : start + size]
-            loss, metrics, seen = self.loss(chunk, normalizer)
+            with self.engine.accumulate():  # no gradient reduction before the step's last micro-batch
+                loss, metrics, seen = self.loss(chunk, normalizer)
+                self.engine.backward(loss)
             if not torch.isfinite(loss):
                 nonfinite = True  # nothing of this step may reach the weights
-                break
-            loss.backward()
+                continue
             batch_loss += float(loss.detach())
             meter.add(scalars(metrics), weight=len(chunk))
             evidence += [seen] if seen else []
@@ -348,7 +368,7 @@ class Trainer:
         n = max(1, len(rollouts))
         stats = dict(
             meter.mean(),
-            loss=batch_loss,
+            loss=self._all_ranks_sum(batch_loss),  # the batch objective (each rank holds its share)
             nonfinite=nonfinite,
             reward_mean=float(rewards.mean()),
             accuracy=float((rewards > 0).float().mean()),
@@ -363,18 +383,18 @@ class Trainer:
             self.cfg.rollout.num_generations if self.spec.grouped else 1
         )
 
+    def _rollouts_per_rank(self) -> int:
+        g = self.cfg.rollout.num_generations
+        return self.cfg.train.batch_size // self.acc.num_processes * g
+
+    def _micro_batches(self, rollouts: int) -> int:
+        return max(1, -(-rollouts // self._micro_batch()))
+
     def _apply_update(self, stats: dict) -> bool:
-        """Average gradients across ranks, clip, and step the optimizer and schedule unless the loss or
+        """Clip the (engine-reduced) gradients, and step the optimizer and schedule unless the loss or
         gradient is non-finite on any rank. Returns whether the update was applied."""
         skip = self._all_ranks_any(stats.pop("nonfinite"))
-        if self.acc.num_processes > 1:
-            for p in self.trainable:
-                p.grad = self.acc.reduce(
-                    p.grad if p.grad is not None else torch.zeros_like(p), reduction="mean"
-                )
-        grad_norm = float(
-            torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.train.max_grad_norm or math.inf)
-        )
+        grad_norm = self.engine.clip_grad_norm(self.cfg.train.max_grad_norm or math.inf)
         applied = not skip and math.isfinite(grad_norm)
         if applied:
             self.optimizer.step()
@@ -393,10 +413,13 @@ class Trainer:
         return step_evidence(evidence)
 
     def _all_ranks_any(self, flag: bool) -> bool:
+        return self._all_ranks_sum(1.0 if flag else 0.0) > 0
+
+    def _all_ranks_sum(self, value: float) -> float:
         if self.acc.num_processes == 1:
-            return bool(flag)
-        t = torch.tensor([1.0 if flag else 0.0], device=self.acc.device)
-        return bool(self.acc.reduce(t, reduction="sum").item() > 0)
+            return float(value)
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.acc.device)
+        return float(self.acc.reduce(t, reduction="sum").item())
 
     # ------------------------------------------------------------------ online bank update
 
@@ -451,16 +474,28 @@ class Trainer:
         """Adapter, optimizer, scheduler, RNG states, step, teacher state, bank, ledger and the evolution
         window, written into a temporary folder and renamed into place (atomic)."""
         self.acc.wait_for_everyone()
+        gathered, shards = {}, None
+        if self.engine.sharded:  # every rank: gather the whole trainable tensors, write optimizer shards
+            gathered = dict(
+                trainable=self.engine.full_trainable_state(), teacher_state=self.teacher.state_dict()
+            )
+            shards = ckpt.shard_staging_dir(self.run_dir, self.step)
+            if self.is_main:
+                shutil.rmtree(shards, ignore_errors=True)
+                shards.parent.mkdir(parents=True, exist_ok=True)
+            self.acc.wait_for_everyone()
+            self.engine.save_sharded_optimizer(shards)
+            self.acc.wait_for_everyone()
         path = None
         if self.is_main:
-            path = ckpt.save(
-                self.run_dir, self.step, bank=self.bank, ledger=self.ledger, **self._checkpointed()
-            )
+            path = ckpt.save(self.run_dir, self.step, bank=self.bank, ledger=self.ledger, optimizer_shards=shards,
+                             **gathered, **self._checkpointed())  # fmt: skip
         self.acc.wait_for_everyone()
         return path
 
     def _resume(self) -> None:
-        state = ckpt.load_latest(self.run_dir, **self._checkpointed())
+        sharded = self.engine.load_sharded_optimizer if self.engine.sharded else None
+        state = ckpt.load_latest(self.run_dir, load_sharded_optimizer=sharded, **self._checkpointed())
         if state is None:
             raise UserError(f"--resume: no complete checkpoint in {self.run_dir / 'checkpoints'}")
         self.step = state["step"]

@@ -147,7 +147,7 @@ def test_non_finite_loss_skips_the_step(tmp_path, tiny_model_dir, monkeypatch):
         calls["n"] += 1
         return (
             loss * float("nan") if calls["n"] == 1 else loss
-        ), metrics  # step 1 stops at its first micro-batch
+        ), metrics  # step 1: its first micro-batch is non-finite, so the step is skipped
 
     monkeypatch.setattr(teaching, "sgsd_loss", poisoned)
     run = _train(tmp_path, tiny_model_dir, "train.method=sgsd")

@@ -17,3 +17,15 @@ step() {  # limit_s, then step_benchmark.py arguments
     echo "=== step_benchmark $* (limit ${limit} s)"
     timeout "$limit" $PY benchmarks/gpu/step_benchmark.py "$@" || echo "step_benchmark $* exit $?"
 }
+
+engine() {  # limit_s, then --path plain or --config ACCELERATE_CONFIG (benchmarks/gpu/engine_step.py)
+    local limit=$1
+    shift
+    echo "=== engine_step $* (limit ${limit} s)"
+    if [ "$1" = "--config" ]; then
+        timeout "$limit" $PY -m accelerate.commands.launch --config_file "$2" benchmarks/gpu/engine_step.py \
+            || echo "engine_step $* exit $?"
+    else
+        timeout "$limit" $PY benchmarks/gpu/engine_step.py "$@" || echo "engine_step $* exit $?"
+    fi
+}

@@ -13,7 +13,12 @@ CONFIG_DIR = Path(__file__).parent
 
 
 def available_configs() -> list[str]:
-    return sorted(str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in CONFIG_DIR.rglob("*.yaml"))
+    """The training configs (accelerate/ holds Accelerate launcher configs, not training configs)."""
+    return sorted(
+        str(p.relative_to(CONFIG_DIR).with_suffix(""))
+        for p in CONFIG_DIR.rglob("*.yaml")
+        if p.relative_to(CONFIG_DIR).parts[0] != "accelerate"
+    )
 
 
 def resolve_config_path(name_or_path: str | None) -> Path | None:

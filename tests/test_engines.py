@@ -1,0 +1,196 @@
+"""Training engines through Accelerate (sgsd.engine): the shipped launcher configs load, teacher
+forwards stay out of DDP's reducer, and 2 CPU processes under DDP and FSDP2 end with the weights of
+one process at the same global batch, straight and across a resume.
+
+Tolerance: 1e-5 absolute on every trainable tensor (measured: under 1e-6 after 3 AdamW steps; the
+processes add the same per-rollout gradients in a different order, so float rounding differs)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sgsd.configs import CONFIG_DIR, available_configs
+from sgsd.errors import UserError
+
+ROOT = Path(__file__).parents[1]
+ACCEL = CONFIG_DIR / "accelerate"
+SHIPPED = ["1gpu", "8gpu-ddp", "8gpu-zero2", "8gpu-zero3", "8gpu-fsdp", "cpu-2proc", "cpu-2proc-fsdp"]
+TOLERANCE = 1e-5
+TRAIN = ["train.method=sgsd", "train.batch_size=4", "train.micro_batch_size=1", "skills.online_update=false",
+         "data.eval_sources=[]", "rollout.merged_generation=false", "train.steps=3"]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- configs
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_accelerate_configs_load(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(ACCEL / f"{name}.yaml"))
+    expected = {"1gpu": "NO", "8gpu-ddp": "MULTI_GPU", "8gpu-zero2": "DEEPSPEED", "8gpu-zero3": "DEEPSPEED",
+                "8gpu-fsdp": "FSDP", "cpu-2proc": "MULTI_GPU", "cpu-2proc-fsdp": "FSDP"}[name]  # fmt: skip
+    assert str(cfg.distributed_type).split(".")[-1] == expected
+    assert cfg.mixed_precision == "no"  # precision is model.dtype's
+    if expected == "DEEPSPEED":
+        assert cfg.deepspeed_config["zero_stage"] == (2 if "zero2" in name else 3)
+    if expected == "FSDP":
+        assert cfg.fsdp_config["fsdp_version"] == 2
+    assert (ROOT / "configs" / "accelerate" / f"{name}.yaml").is_file()  # the repository's configs/ link
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_configs_build_a_deepspeed_plugin(stage):
+    """The ZeRO configs' deepspeed_config section becomes Accelerate's DeepSpeed plugin (needs the
+    deepspeed package; running it needs GPUs, see the gpu-marked check in benchmarks/gpu)."""
+    pytest.importorskip("deepspeed")
+    import yaml
+    from accelerate.utils import DeepSpeedPlugin
+
+    section = yaml.safe_load((ACCEL / f"8gpu-zero{stage}.yaml").read_text())["deepspeed_config"]
+    plugin = DeepSpeedPlugin(zero_stage=section["zero_stage"], gradient_clipping=section["gradient_clipping"],
+                             offload_optimizer_device=section["offload_optimizer_device"],
+                             offload_param_device=section["offload_param_device"])  # fmt: skip
+    assert plugin.deepspeed_config["zero_optimization"]["stage"] == stage
+
+
+def test_accelerate_configs_are_not_training_configs():
+    assert not any(n.startswith("accelerate") for n in available_configs())
+
+
+class _Acc:
+    def __init__(self, n, kind="MULTI_GPU", stage=0):
+        from types import SimpleNamespace
+
+        self.num_processes, self.distributed_type = n, kind
+        self.state = SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage))
+
+
+@pytest.mark.parametrize(
+    "overrides, acc, message",
+    [
+        (["train.batch_size=3"], _Acc(2), "not divisible"),
+        (["rollout.merged_generation=true"], _Acc(2, "FSDP"), "merged_generation=false"),
+        (["rollout.merged_generation=false", "data.eval_sources=[reasoning_gym:chain_sum]"], _Acc(2, "FSDP"),
+         "data.eval_sources=[]"),
+        (["rollout.merged_generation=false", "data.eval_sources=[]", "rollout.backend=vllm"], _Acc(2, "DEEPSPEED", 3),
+         "rollout.backend=hf"),
+    ],
+)  # fmt: skip
+def test_setups_an_engine_cannot_run_are_refused(overrides, acc, message):
+    from sgsd.config import load_config
+    from sgsd.configs import resolve_config_path
+    from sgsd.engine import check_setup
+
+    cfg = load_config(resolve_config_path("tiny"), ["train.batch_size=2", *overrides])
+    with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        check_setup(cfg, acc)
+
+
+# ---------------------------------------------------------------------------------------------- processes
+
+
+def _env():
+    return dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+
+
+def _launch(config, script, *args):
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCEL / config),
+           str(Path(__file__).with_name(script)), *map(str, args)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env())
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+def _one_process(run, *args):
+    cmd = [sys.executable, str(Path(__file__).with_name("engine_worker.py")), str(run), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env())
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def _final(run) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "final.safetensors"))
+
+
+def _assert_same(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys() and a
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= TOLERANCE, worst
+    return worst
+
+
+@pytest.fixture(scope="module")
+def one_process_runs(tmp_path_factory, tiny_model_dir):
+    """Reference runs of one process: LoRA and full fine-tuning (lora_rank=0), 3 steps."""
+    root = tmp_path_factory.mktemp("one")
+    runs = {}
+    for name, extra in (("lora", []), ("full", ["model.lora_rank=0"])):
+        _one_process(root / name, f"model.name={tiny_model_dir}", *TRAIN, *extra)
+        runs[name] = _final(root / name)
+    assert any(v.abs().max() > 0 for k, v in runs["lora"].items() if "lora_B" in k)  # the adapter moved
+    return runs
+
+
+@pytest.mark.slow
+def test_teacher_forwards_stay_out_of_ddp_hooks(tmp_path, tiny_model_dir):
+    """Unequal numbers of teacher forwards per rank (EMA adapter, no grad) then a student backward
+    through DDP: no collective hangs, no reducer error, and each rank's gradient is the average."""
+    _launch("cpu-2proc.yaml", "ddp_hooks_worker.py", tmp_path, tiny_model_dir)
+    for rank in range(2):
+        result = json.loads((tmp_path / f"hooks-rank-{rank}.json").read_text())
+        assert result["params"] > 0 and result["max_diff"] <= 1e-6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["cpu-2proc.yaml", "cpu-2proc-fsdp.yaml"])
+def test_two_processes_match_one_process_straight_and_resumed(
+    tmp_path, tiny_model_dir, one_process_runs, config
+):
+    """LoRA, 3 steps: 2 processes end with the adapter of one process; so does a 2-process run stopped
+    after step 2 and resumed (under FSDP the optimizer state is sharded in the checkpoint)."""
+    args = [f"model.name={tiny_model_dir}", *TRAIN]
+    _launch(config, "engine_worker.py", tmp_path / "straight", *args)
+    kind = "fsdp" if "fsdp" in config else "ddp"
+    assert (tmp_path / "straight" / "engine.txt").read_text() == kind
+    _assert_same(_final(tmp_path / "straight"), one_process_runs["lora"])
+    _launch(config, "engine_worker.py", tmp_path / "resumed", *args, "--stop-after", 2)
+    ckpt = tmp_path / "resumed" / "checkpoints" / "step-000002"
+    assert (ckpt / "optimizer").is_dir() == (kind == "fsdp")
+    _launch(config, "engine_worker.py", tmp_path / "resumed", *args, "--resume")
+    _assert_same(_final(tmp_path / "resumed"), one_process_runs["lora"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["cpu-2proc.yaml", "cpu-2proc-fsdp.yaml"])
+def test_full_fine_tuning_two_processes_match_one_process(tmp_path, tiny_model_dir, one_process_runs, config):
+    """model.lora_rank=0: every weight trains; 2 processes end with the full weights of one process."""
+    _launch(config, "engine_worker.py", tmp_path, f"model.name={tiny_model_dir}", *TRAIN, "model.lora_rank=0")
+    final = _final(tmp_path)
+    assert len(final) == len(one_process_runs["full"]) > 10
+    _assert_same(final, one_process_runs["full"])
+
+
+def test_single_process_engine_is_the_plain_module(tmp_path, tiny_model_dir):
+    """One process: no wrapper, teachers and student run the same decoder (the numbers of before)."""
+    from sgsd.engine import DecoderForward, Engine, make_accelerator
+    from sgsd.models import apply_lora, load_policy
+
+    policy, _ = load_policy(str(tiny_model_dir), dtype="float32")
+    policy = apply_lora(policy, rank=4, alpha=8)
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad])
+    engine = Engine(
+        make_accelerator(cpu=True), policy, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1)
+    )
+    assert engine.kind == "single" and isinstance(engine.module, DecoderForward)
+    ids = torch.tensor([[5, 6, 7]])
+    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=torch.arange(3)[None])
+    with torch.no_grad():
+        a = engine.scoring_model.decoder(**kw)
+    b = engine.scoring_model.decoder(**kw)
+    torch.testing.assert_close(a, b.detach(), rtol=0, atol=0)
