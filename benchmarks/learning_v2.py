@@ -84,7 +84,7 @@ SIGNALS_V2 = [
 ]
 
 
-def variants(group_size: int = 8, estimator: str = "expected") -> dict[str, tuple[str, list[str]]]:
+def variants(group_size: int = 8, estimator: str = "null_relative") -> dict[str, tuple[str, list[str]]]:
     """variant -> (label, overrides). GRPO as the paper's GRPO configs (sampler T 1.2 without top-p/k,
     mu = 2 passes, sequence mean over every sampled token, LoRA dropout 0.05, clipping 1.0) with
     `group_size` completions for each of 2 prompts a step."""
@@ -958,9 +958,10 @@ def parse_args(argv=None):
     g.add_argument("--probe-rollouts", type=int, default=4)
     g.add_argument(
         "--estimator",
-        default="expected",
+        default="null_relative",
         choices=["paper", "expected", "null_relative", "teacher_centred"],
-        help="the signal issue's best support estimator: the SGSD variant sgsd_ESTIMATOR and the probe column",
+        help="the support estimator of the SGSD variant sgsd_ESTIMATOR and the probe column (default: the "
+        "signal probe's choice, benchmarks/README.md 'Signal')",
     )
     g = p.add_argument_group("lr and grid")
     g.add_argument("--methods", help="comma list of variants (default: all)")
