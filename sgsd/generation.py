@@ -316,8 +316,9 @@ class CandidateSampler:
     def __call__(self, input_ids, scores):
         import torch
 
-        ids, q = candidate_distribution(scores, self.temperature, self.top_k, self.top_p)  # [R, m], [R, m]
-        token = ids.gather(1, torch.multinomial(q, 1))  # [R, 1]
+        token = torch.empty(scores.shape[0], 1, dtype=torch.long, device=scores.device)  # [R, 1]
+        for rows, ids, q in candidate_distribution(scores, self.temperature, self.top_k, self.top_p):
+            token[rows] = ids.gather(1, torch.multinomial(q, 1))  # [r, 1]
         return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)  # [R, V]
 
 
@@ -327,27 +328,30 @@ NUCLEUS_CANDIDATES = 256
 
 def candidate_distribution(logits, temperature: float, top_k: int, top_p: float):
     """The sampler's distribution as `sgsd.scoring.sampler_distribution` gives it (transformers'
-    semantics), without a sort of the vocabulary when top_k = 0 and top_p < 1: the nucleus (the most
-    likely tokens until their mass reaches top_p) is taken from the `NUCLEUS_CANDIDATES` most likely
-    tokens when, in every row, their mass under the full softmax reaches top_p (then every token
-    outside them is cut anyway), else from the whole sorted vocabulary. `logits [R, V]` -> `(ids [R, m],
-    q [R, m])`."""
+    semantics), without a sort of the vocabulary when top_k = 0 and top_p < 1: a row's nucleus (its
+    most likely tokens until their mass reaches top_p) is taken from its `NUCLEUS_CANDIDATES` most
+    likely tokens when their mass under the full softmax reaches top_p (every token outside them is
+    then cut anyway); only the other rows sort the whole vocabulary. `logits [R, V]` -> a list of
+    `(rows [r], ids [r, m], q [r, m])`, groups of rows that together cover every row once."""
     import torch
 
     from sgsd.scoring import sampler_distribution
 
-    vocab = logits.shape[-1]
-    if top_k > 0 or top_p >= 1.0 or vocab <= NUCLEUS_CANDIDATES:
-        return sampler_distribution(logits, temperature, top_k, top_p)
+    everyone = torch.arange(logits.shape[0], device=logits.device)  # [R]
+    if top_k > 0 or top_p >= 1.0 or logits.shape[-1] <= NUCLEUS_CANDIDATES:
+        return [(everyone, *sampler_distribution(logits, temperature, top_k, top_p))]
     scaled = logits.float() / temperature  # [R, V]
     values, ids = scaled.topk(NUCLEUS_CANDIDATES, dim=-1)  # [R, m] descending
     probs = (values - scaled.logsumexp(-1, keepdim=True)).exp()  # [R, m] under the full softmax
-    if bool((probs.sum(-1) < top_p).any()):
-        return sampler_distribution(logits, temperature, 0, top_p)
+    inside = probs.sum(-1) >= top_p  # [R] rows whose nucleus lies among the candidates
     mass_above = probs.cumsum(-1) - probs  # [R, m] mass of the more likely candidates
     # transformers cuts a token when the mass of it and every less likely token is <= 1 - top_p
     values = values.masked_fill(mass_above >= top_p, float("-inf"))  # [R, m]
-    return ids, torch.softmax(values, dim=-1)
+    groups = [(everyone[inside], ids[inside], torch.softmax(values[inside], dim=-1))]
+    if not bool(inside.all()):
+        outside = everyone[~inside]
+        groups.append((outside, *sampler_distribution(logits[outside], temperature, 0, top_p)))
+    return [g for g in groups if len(g[0])]
 
 
 class GenerationProgress:

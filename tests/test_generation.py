@@ -209,17 +209,24 @@ def test_candidate_distribution_equals_transformers(case, top_k, top_p):
         "peaked+flat": torch.stack([peaked, flat]),
     }[case]  # [R, V]
     expected = _transformers_probabilities(logits, 1.1, top_k, top_p)  # [R, V]
-    ids, q = generation.candidate_distribution(logits, 1.1, top_k, top_p)  # [R, m]
-    got = torch.zeros_like(expected).scatter_add_(1, ids, q)  # [R, V]
+    groups = generation.candidate_distribution(logits, 1.1, top_k, top_p)
+    got = torch.zeros_like(expected)  # [R, V]
+    for rows, ids, q in groups:  # [r], [r, m], [r, m]
+        got[rows] = torch.zeros(len(rows), logits.shape[1]).scatter_add_(1, ids, q)
     assert torch.allclose(got, expected, atol=1e-6)
+    assert sorted(r for rows, _, _ in groups for r in rows.tolist()) == list(range(logits.shape[0]))
+    widths = {tuple(rows.tolist()): ids.shape[1] for rows, ids, _ in groups}
     if case == "peaked":
-        assert ids.shape[1] == generation.NUCLEUS_CANDIDATES  # the fast path was taken
+        assert widths == {(0,): generation.NUCLEUS_CANDIDATES}  # among the candidates
     if case == "flat":
-        assert ids.shape[1] == logits.shape[1] and int((expected > 0).sum()) > generation.NUCLEUS_CANDIDATES
+        assert widths == {(0,): logits.shape[1]} and int((expected > 0).sum()) > generation.NUCLEUS_CANDIDATES
+    if case == "peaked+flat":  # only the flat row sorts the vocabulary
+        assert widths == {(0,): generation.NUCLEUS_CANDIDATES, (1,): logits.shape[1]}
 
 
 @pytest.mark.parametrize("top_k, top_p", [(4, 0.9), (0, 0.9)])
-def test_candidate_sampler_draws_transformers_distribution(top_k, top_p):
+def test_candidate_sampler_draws_transformers_distribution(top_k, top_p, monkeypatch):
+    monkeypatch.setattr(generation, "NUCLEUS_CANDIDATES", 4)  # top-p alone: the candidates' path
     logits = torch.tensor([[0.1, 0.3, 0.2, 4.0, 0.0, 0.4, 0.5, 0.6, 0.7, 3.5, -1.0]])  # [1, V]
     temperature, draws = 1.1, 20_000
     expected = _transformers_probabilities(logits, temperature, top_k, top_p)[0]  # [V]
