@@ -4,8 +4,8 @@ transformers samples over the whole vocabulary: top-k masks the other logits, to
 them, and the draw is a softmax + multinomial over V. The generator's `CandidateSampler` draws top-k
 sampling among the k candidates instead (same distribution). This script times the modes side by
 side in one process (interleaved repeats, median; wall and process CPU seconds) on an embedded
-model: the training sampler (T=1.1, top-k 20, top-p 0.95) and the evaluation sampler (T=1, top-p
-0.95) both ways, greedy, and plain sampling (which has no candidate set). EOS is disabled so every row generates exactly `--tokens` tokens.
+model: the training sampler (T=1.1, top-k 20, top-p 0.95) both ways, greedy, plain sampling and the
+evaluation sampler (T=1, top-p 0.95, no top-k: always transformers' sampling). EOS is disabled so every row generates exactly `--tokens` tokens.
 
     HF_HUB_OFFLINE=1 python benchmarks/generation_sampling.py --model embedded:qwen2.5-coder-0.5b \
         --batch 16 --tokens 64 --repeats 3 [--json]
@@ -34,8 +34,7 @@ from sgsd.models import load_policy  # noqa: E402
 MODES = {
     "greedy": (dict(temperature=0.0), True),
     "sample (top_p=1, top_k=0)": (dict(temperature=1.0, top_p=1.0, top_k=0), True),
-    "eval sampler (T=1, top_p=0.95), transformers": (dict(temperature=1.0, top_p=0.95, top_k=0), False),
-    "eval sampler (T=1, top_p=0.95), candidates": (dict(temperature=1.0, top_p=0.95, top_k=0), True),
+    "eval sampler (T=1, top_p=0.95; transformers)": (dict(temperature=1.0, top_p=0.95, top_k=0), True),
     "training sampler, transformers (whole vocabulary)": (dict(temperature=1.1, top_p=0.95, top_k=20), False),
     "training sampler, candidates": (dict(temperature=1.1, top_p=0.95, top_k=20), True),
 }

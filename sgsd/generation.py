@@ -146,8 +146,8 @@ class HFGenerator:
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
-        # top-k / top-p sampling draws among a few candidates (`CandidateSampler`); False = transformers'
-        # own sampling over the whole vocabulary (same distribution, about twice the per-step cost)
+        # top-k sampling draws among the k candidates (`CandidateSampler`); False = transformers' own
+        # sampling over the whole vocabulary (same distribution, about twice the per-step cost)
         self.candidate_sampling = candidate_sampling
         self.merged = bool(merged) and has_lora_layers(model)
         self.progress = progress
@@ -228,9 +228,8 @@ class HFGenerator:
             input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
             attention_mask[row, width - len(ids) :] = 1
         greedy = params.temperature == 0
-        # with top-k or top-p, a CandidateSampler draws the token and generate() only takes its argmax
-        cut = params.top_k > 0 or params.top_p < 1.0
-        candidates = not greedy and cut and self.candidate_sampling
+        # with top-k, a CandidateSampler draws the token and generate() only takes its argmax
+        candidates = not greedy and params.top_k > 0 and self.candidate_sampling
         processors = [CandidateSampler(params.temperature, params.top_k, params.top_p)] if candidates else []
         greedy = greedy or candidates
         config = GenerationConfig(
@@ -298,60 +297,31 @@ class HFGenerator:
 
 
 class CandidateSampler:
-    """One step of top-k and/or top-p sampling, drawn among a few candidates instead of the vocabulary.
+    """One step of top-k (then top-p) sampling, drawn among the k candidates instead of the vocabulary.
 
-    transformers samples by masking logits over the whole vocabulary, sorting all V of them for top-p
-    and drawing from a softmax over V: with Qwen's V = 151,936 that costs about as much per step as
-    the 0.5B model's own decoding step on a CPU (benchmarks/README.md, "Sampling among candidates").
-    Here the token is drawn from the same distribution (`candidate_distribution`) over at most a few
-    hundred candidates, with the global torch generator. Used as the logits processor of a greedy
-    `generate()`: it returns logits that are -inf except at the drawn token, whose argmax is the
-    sample. Needs top_k > 0 or top_p < 1 (plain sampling has no candidate set to cut to)."""
+    transformers samples top-k by masking the other V - k logits, sorting the whole vocabulary for
+    top-p and drawing from a softmax over V: with Qwen's V = 151,936 that costs about as much per step
+    as the 0.5B model's own decoding step on a CPU (benchmarks/README.md, "Sampling among the top-k
+    candidates"). Here the candidates come from one top-k (`sgsd.scoring.sampler_distribution`: the
+    same distribution, ties with the k-th logit kept, temperature, then top-p among them) and the token
+    is drawn from those m probabilities with the global torch generator. Used as the logits processor
+    of a greedy `generate()`: it returns logits that are -inf except at the drawn token, whose argmax is
+    the sample. Top-p without top-k stays with transformers (a top-256 pre-selection measured no
+    faster than its sort)."""
 
     def __init__(self, temperature: float, top_k: int, top_p: float):
-        if temperature <= 0 or not (top_k > 0 or top_p < 1):
-            raise ConfigError("CandidateSampler needs temperature > 0 and top_k > 0 or top_p < 1")
+        if temperature <= 0 or top_k < 1:
+            raise ConfigError("CandidateSampler needs temperature > 0 and top_k >= 1")
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
 
     def __call__(self, input_ids, scores):
         import torch
 
-        token = torch.empty(scores.shape[0], 1, dtype=torch.long, device=scores.device)  # [R, 1]
-        for rows, ids, q in candidate_distribution(scores, self.temperature, self.top_k, self.top_p):
-            token[rows] = ids.gather(1, torch.multinomial(q, 1))  # [r, 1]
+        from sgsd.scoring import sampler_distribution
+
+        ids, q = sampler_distribution(scores, self.temperature, self.top_k, self.top_p)  # [R, m], [R, m]
+        token = ids.gather(1, torch.multinomial(q, 1))  # [R, 1]
         return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)  # [R, V]
-
-
-# top-p without top-k: the nucleus is looked for among this many most likely tokens first
-NUCLEUS_CANDIDATES = 256
-
-
-def candidate_distribution(logits, temperature: float, top_k: int, top_p: float):
-    """The sampler's distribution as `sgsd.scoring.sampler_distribution` gives it (transformers'
-    semantics), without a sort of the vocabulary when top_k = 0 and top_p < 1: a row's nucleus (its
-    most likely tokens until their mass reaches top_p) is taken from its `NUCLEUS_CANDIDATES` most
-    likely tokens when their mass under the full softmax reaches top_p (every token outside them is
-    then cut anyway); only the other rows sort the whole vocabulary. `logits [R, V]` -> a list of
-    `(rows [r], ids [r, m], q [r, m])`, groups of rows that together cover every row once."""
-    import torch
-
-    from sgsd.scoring import sampler_distribution
-
-    everyone = torch.arange(logits.shape[0], device=logits.device)  # [R]
-    if top_k > 0 or top_p >= 1.0 or logits.shape[-1] <= NUCLEUS_CANDIDATES:
-        return [(everyone, *sampler_distribution(logits, temperature, top_k, top_p))]
-    scaled = logits.float() / temperature  # [R, V]
-    values, ids = scaled.topk(NUCLEUS_CANDIDATES, dim=-1)  # [R, m] descending
-    probs = (values - scaled.logsumexp(-1, keepdim=True)).exp()  # [R, m] under the full softmax
-    inside = probs.sum(-1) >= top_p  # [R] rows whose nucleus lies among the candidates
-    mass_above = probs.cumsum(-1) - probs  # [R, m] mass of the more likely candidates
-    # transformers cuts a token when the mass of it and every less likely token is <= 1 - top_p
-    values = values.masked_fill(mass_above >= top_p, float("-inf"))  # [R, m]
-    groups = [(everyone[inside], ids[inside], torch.softmax(values[inside], dim=-1))]
-    if not bool(inside.all()):
-        outside = everyone[~inside]
-        groups.append((outside, *sampler_distribution(logits[outside], temperature, 0, top_p)))
-    return [g for g in groups if len(g[0])]
 
 
 class GenerationProgress:
