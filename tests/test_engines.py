@@ -226,6 +226,28 @@ def test_deepspeed_skips_a_non_finite_step_as_one_process_does(tmp_path, tiny_mo
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    not _has_deepspeed(), reason="the deepspeed package is not installed (pip install deepspeed)"
+)
+def test_deepspeed_clips_as_one_process_does(tmp_path, tiny_model_dir, one_process_runs):
+    """Clipping at 0.1 (below the tiny run's gradient norms, about 0.5): DeepSpeed's clipping inside its
+    step ends with the adapter of one process clipping at train.max_grad_norm=0.1 (measured 4e-7),
+    which differs from the unclipped run (by about 6e-4)."""
+    config = tmp_path / "zero2-clip.yaml"
+    config.write_text(
+        (ACCEL / "cpu-2proc-zero2.yaml")
+        .read_text()
+        .replace("gradient_clipping: 1.0", "gradient_clipping: 0.1")
+    )
+    args = [f"model.name={tiny_model_dir}", *TRAIN, "train.max_grad_norm=0.1"]
+    _one_process(tmp_path / "one", *args)
+    _launch(config, "engine_worker.py", tmp_path / "ds", *args)
+    clipped = _final(tmp_path / "one")
+    assert max((clipped[k] - one_process_runs["lora"][k]).abs().max().item() for k in clipped) > 1e-4
+    _assert_same(_final(tmp_path / "ds"), clipped)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("config", ENGINE_CONFIGS)
 def test_full_fine_tuning_two_processes_match_one_process(tmp_path, tiny_model_dir, one_process_runs, config):
     """model.lora_rank=0: every weight trains; 2 processes end with the full weights of one process."""
