@@ -1,5 +1,6 @@
 """The training engine: the policy, optimizer and schedule prepared by Accelerate, whichever engine
-its config file selects (one process, DDP, FSDP2, DeepSpeed ZeRO-2/3; `configs/accelerate/`).
+its config file selects (one process, DDP, FSDP2, DeepSpeed ZeRO-2; ZeRO-3 refused for now;
+`configs/accelerate/`).
 
 What the engine wraps is `DecoderForward`, a module whose forward is the policy's decoder: sgsd never
 runs the full causal LM forward in training (it applies the output head to completion positions only,
@@ -145,6 +146,12 @@ def check_setup(cfg, acc) -> None:
         raise UserError(f"{what} with rollout.backend=vllm is not supported yet; use rollout.backend=hf")
     if kind == "deepspeed":
         check_deepspeed_clipping(cfg, acc)
+        if deepspeed_stage(acc) == 3:  # tried on CPU: the first policy use outside the engine (retrieval's
+            raise UserError(  # embeddings, generation) meets ZeRO-3's empty partitioned weights
+                "DeepSpeed ZeRO-3 is not supported yet (sgsd reads the policy's weights outside the engine, "
+                "and ZeRO-3 leaves them partitioned); use configs/accelerate/8gpu-fsdp.yaml for sharded "
+                "weights, or 8gpu-zero2.yaml"
+            )
     if sharded and cfg.rollout.merged_generation and cfg.model.lora_rank > 0:
         raise UserError(
             f"under {what} the weights are sharded and cannot be merged into a generation copy; "

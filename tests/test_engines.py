@@ -99,6 +99,7 @@ class _Acc:
          "rollout.backend=hf"),
         (["rollout.merged_generation=false", "data.eval_sources=[]", "train.max_grad_norm=0.5"],
          _Acc(2, "DEEPSPEED", 2), "gradient_clipping"),
+        (["rollout.merged_generation=false", "data.eval_sources=[]"], _Acc(2, "DEEPSPEED", 3), "ZeRO-3 is not supported"),
     ],
 )  # fmt: skip
 def test_setups_an_engine_cannot_run_are_refused(overrides, acc, message):
