@@ -4,8 +4,9 @@
         trainable.safetensors   every trainable parameter by name (LoRA or full fine-tuning)
         adapter/                PEFT adapter (for `sgsd eval --adapter`), when the model has one
         trainer_state.pt        optimizer, scheduler, teacher (EMA / periodic) and RNG states
-        optimizer/              under an engine that shards it (FSDP): the optimizer state, one shard
-                                per rank (torch.distributed.checkpoint), instead of trainer_state's
+        optimizer/              under an engine that shards it: the optimizer state, one shard per rank
+                                (FSDP: torch.distributed.checkpoint; DeepSpeed ZeRO-2: rank-NNNNN.pt),
+                                instead of trainer_state's
         bank.json, ledger.json  the skill bank and ledger at this step (skill methods)
         evolver.json            the online-evolution window of recent rollouts
         state.json              {"step": 25, "complete": true}  -- written last
@@ -173,7 +174,7 @@ def load_latest(
     run_dir, *, model, optimizer, scheduler, teacher=None, evolver=None, load_sharded_optimizer=None
 ) -> dict | None:
     """Restore the newest complete checkpoint into the given objects; returns its state or None.
-    `load_sharded_optimizer(folder)` restores an `optimizer/` folder of shards (FSDP)."""
+    `load_sharded_optimizer(folder)` restores an `optimizer/` folder of shards (FSDP, DeepSpeed)."""
     from safetensors.torch import load_file
 
     from sgsd.engine import copy_into
@@ -205,7 +206,8 @@ def load_latest(
         optimizer.load_state_dict(blob["optimizer"])
     elif load_sharded_optimizer is None:
         raise UserError(
-            f"checkpoint {d} holds a sharded optimizer state (written under FSDP); resume it under FSDP"
+            f"checkpoint {d} holds a sharded optimizer state (written under FSDP or DeepSpeed); "
+            "resume it under the engine that wrote it"
         )
     else:
         load_sharded_optimizer(d / "optimizer")

@@ -1,5 +1,6 @@
 """The training engine: the policy, optimizer and schedule prepared by Accelerate, whichever engine
-its config file selects (one process, DDP, FSDP2, DeepSpeed ZeRO-2/3; `configs/accelerate/`).
+its config file selects (one process, DDP, FSDP2, DeepSpeed ZeRO-2; ZeRO-3 refused for now;
+`configs/accelerate/`).
 
 What the engine wraps is `DecoderForward`, a module whose forward is the policy's decoder: sgsd never
 runs the full causal LM forward in training (it applies the output head to completion positions only,
@@ -25,6 +26,15 @@ its gradient reduction on all but the last micro-batch of a step (DDP `no_sync`,
 `set_requires_gradient_sync(False)`, DeepSpeed's accumulation boundary), and `backward()` undoes the
 engine's 1/gradient_accumulation_steps and 1/num_processes scalings, because sgsd's losses are
 already normalised by the whole step's batch across processes (`Trainer.accumulate_gradients`).
+
+Under DeepSpeed (ZeRO-2 verified on CPU, `tests/test_engines.py`) the step happens inside the last
+micro-batch's `backward()`: DeepSpeed divides the loss by its own accumulation length (fixed when
+prepared), averages the gradients over processes, clips them at its `gradient_clipping` (which
+`check_setup` holds equal to train.max_grad_norm) and steps the optimizer; the schedule stays sgsd's.
+DeepSpeed skips a step whose gradient norm is non-finite (its "overflow": gradients zeroed, norm
+reported as inf), so `backward()` turns a non-finite loss into non-finite gradients, and `step()`
+reports what DeepSpeed did. Checkpoints hold each rank's partition of the optimizer state; a resume
+needs the same number of processes.
 """
 
 from __future__ import annotations
@@ -99,12 +109,22 @@ def make_accelerator(cpu: bool | None = None):
     """The Accelerator of a training run. Its engine comes from `accelerate launch --config_file`
     (or the environment it sets); the two settings here keep the step's numbers those of one process:
     the schedule steps once per optimizer step (Accelerate would otherwise step it once per process),
-    and DDP broadcasts no buffers in forwards (the policy's buffers are constants)."""
+    and DDP broadcasts no buffers in forwards (the policy's buffers are constants).
+    Accelerate enables DeepSpeed on GPUs only (with its CPU flag it would run plain DDP): refused here.
+    (The tests run DeepSpeed on CPU by switching Accelerate's state, tests/engine_worker.py.)"""
+    import os
+
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
+    if cpu is None:
+        cpu = not torch.cuda.is_available()
+        if cpu and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+            raise UserError(
+                "DeepSpeed through Accelerate needs GPUs; on CPU use configs/accelerate/cpu-2proc.yaml (DDP)"
+            )
     return Accelerator(
-        cpu=(not torch.cuda.is_available()) if cpu is None else cpu,
+        cpu=cpu,
         step_scheduler_with_optimizer=False,
         kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
     )
@@ -124,6 +144,14 @@ def check_setup(cfg, acc) -> None:
     what = "FSDP" if kind == "fsdp" else f"DeepSpeed ZeRO-{deepspeed_stage(acc)}"
     if cfg.rollout.backend == "vllm":
         raise UserError(f"{what} with rollout.backend=vllm is not supported yet; use rollout.backend=hf")
+    if kind == "deepspeed":
+        check_deepspeed_clipping(cfg, acc)
+        if deepspeed_stage(acc) == 3:  # tried on CPU: the first policy use outside the engine (retrieval's
+            raise UserError(  # embeddings, generation) meets ZeRO-3's empty partitioned weights
+                "DeepSpeed ZeRO-3 is not supported yet (sgsd reads the policy's weights outside the engine, "
+                "and ZeRO-3 leaves them partitioned); use configs/accelerate/8gpu-fsdp.yaml for sharded "
+                "weights, or 8gpu-zero2.yaml"
+            )
     if sharded and cfg.rollout.merged_generation and cfg.model.lora_rank > 0:
         raise UserError(
             f"under {what} the weights are sharded and cannot be merged into a generation copy; "
@@ -144,6 +172,21 @@ def check_setup(cfg, acc) -> None:
             )
 
 
+def check_deepspeed_clipping(cfg, acc) -> None:
+    """DeepSpeed clips inside its step at the config's `gradient_clipping`: fill it from
+    train.max_grad_norm when 'auto', refuse a different value (0: no clipping)."""
+    config = getattr(acc.state.deepspeed_plugin, "deepspeed_config", {})
+    want = float(cfg.train.max_grad_norm or 0.0)
+    clip = config.get("gradient_clipping", "auto")
+    if clip == "auto":
+        config["gradient_clipping"] = want
+    elif float(clip) != want:
+        raise UserError(
+            f"the DeepSpeed config clips gradients at {clip} but train.max_grad_norm={want}; set "
+            "deepspeed_config.gradient_clipping in the accelerate config equal to train.max_grad_norm"
+        )
+
+
 def deepspeed_stage(acc) -> int:
     plugin = getattr(acc.state, "deepspeed_plugin", None)
     return int(getattr(plugin, "zero_stage", 0) or 0)
@@ -156,11 +199,13 @@ class Engine:
         self.acc, self.policy = acc, policy
         self.kind = engine_kind(acc)
         self.sharded = self.kind == "fsdp" or (self.kind == "deepspeed" and deepspeed_stage(acc) == 3)
+        self.shards_optimizer = self.kind in ("fsdp", "deepspeed")  # each rank holds part of its state
         self.plain = DecoderForward(policy)  # the unwrapped forward (same parameters)
-        if self.kind == "deepspeed":  # no dataloader to read it from; DeepSpeed only logs throughput with it
-            config = acc.state.deepspeed_plugin.deepspeed_config
-            if config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
-                config["train_micro_batch_size_per_gpu"] = 1
+        if self.kind == "deepspeed":  # DeepSpeed's batch bookkeeping: one "sample" per micro-batch, the
+            config = acc.state.deepspeed_plugin.deepspeed_config  # trainer's micro-batches per step
+            config["train_micro_batch_size_per_gpu"] = 1
+            config["gradient_accumulation_steps"] = acc.gradient_accumulation_steps
+            config["train_batch_size"] = acc.gradient_accumulation_steps * acc.num_processes
         self.module, self.optimizer, self.scheduler = acc.prepare(
             DecoderForward(policy), optimizer, scheduler
         )
@@ -192,16 +237,38 @@ class Engine:
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of a loss already normalised by the whole step's batch over all processes: the
         engine divides it by gradient_accumulation_steps and averages over processes, so it is scaled
-        by both first and the accumulated, reduced gradient is that of one process on the batch."""
-        self.acc.backward(loss * (self.acc.gradient_accumulation_steps * self.acc.num_processes))
+        by both first and the accumulated, reduced gradient is that of one process on the batch.
+        DeepSpeed divides by its own accumulation length, and steps after the step's last backward."""
+        accumulation = self.acc.gradient_accumulation_steps
+        if self.kind == "deepspeed":
+            accumulation = self.module.gradient_accumulation_steps()
+            if not torch.isfinite(loss):  # DeepSpeed skips a step by its gradient norm only
+                loss = loss * float("nan")
+        self.acc.backward(loss * (accumulation * self.acc.num_processes))
 
     def clip_grad_norm(self, max_norm: float) -> float:
+        """Clip the reduced gradients at `max_norm`; their norm before clipping. Under DeepSpeed the
+        step has already clipped (at the config's gradient_clipping) and this reads its norm."""
         norm = self.acc.clip_grad_norm_(self.trainable(), max_norm)
         if norm is None:
             return float("nan")
         if hasattr(norm, "full_tensor"):  # FSDP2: a replicated DTensor
             norm = norm.full_tensor()
         return float(norm)
+
+    def step(self, ok: bool) -> bool:
+        """Step the optimizer if `ok` (the loss and gradient norm finite on every rank); whether the
+        step was applied. DeepSpeed stepped, or skipped, inside the last backward by the same rule."""
+        if self.kind != "deepspeed":
+            if ok:
+                self.optimizer.step()
+            return ok
+        applied = self.module.was_step_applied()
+        if applied != ok:
+            raise RuntimeError(
+                f"DeepSpeed {'applied' if applied else 'skipped'} a step sgsd did not expect to"
+            )
+        return applied
 
     # ------------------------------------------------------------------ generation
 
@@ -240,8 +307,13 @@ class Engine:
         return out
 
     def save_sharded_optimizer(self, folder: Path) -> None:
-        """Each rank writes its shard of the optimizer state (torch.distributed.checkpoint, which can
-        also load it into another number of ranks). All ranks call this with the same folder."""
+        """Each rank writes its shard of the optimizer state. All ranks call this with the same folder.
+        FSDP: torch.distributed.checkpoint (which can also load it into another number of ranks);
+        DeepSpeed: each rank's partition of the optimizer state, `rank-NNNNN.pt`."""
+        if self.kind == "deepspeed":
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            torch.save(self._zero_optimizer().optimizer.state_dict(), self._rank_file(folder))
+            return
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
@@ -249,12 +321,38 @@ class Engine:
         dcp.save({"optimizer": state}, checkpoint_id=str(folder))
 
     def load_sharded_optimizer(self, folder: Path) -> None:
+        """Restore what `save_sharded_optimizer` wrote, after the weights were loaded."""
+        written = len(list(Path(folder).glob("rank-*.pt")))
+        if self.kind == "deepspeed":
+            if written != self.acc.num_processes:
+                raise UserError(
+                    f"{folder} holds the optimizer state of {written or 'no'} DeepSpeed processes "
+                    f"(0: written under FSDP); resume it with that many DeepSpeed processes"
+                )
+            zero = self._zero_optimizer()
+            zero.optimizer.load_state_dict(
+                torch.load(self._rank_file(folder), map_location="cpu", weights_only=True)
+            )
+            zero.refresh_fp32_params()  # its fp32 partition of the weights, from the loaded parameters
+            return
+        if written:
+            raise UserError(
+                f"{folder} holds an optimizer state written under DeepSpeed; resume it under DeepSpeed"
+            )
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
         state = {"optimizer": get_optimizer_state_dict(self.module, self.optimizer.optimizer)}
         dcp.load(state, checkpoint_id=str(folder))
         set_optimizer_state_dict(self.module, self.optimizer.optimizer, state["optimizer"])
+
+    def _zero_optimizer(self):
+        if deepspeed_stage(self.acc) != 2:
+            raise UserError("checkpoints under DeepSpeed are supported for ZeRO-2 only")
+        return self.optimizer.optimizer  # Accelerate's wrapper around DeepSpeed's ZeRO optimizer
+
+    def _rank_file(self, folder: Path) -> Path:
+        return Path(folder) / f"rank-{self.acc.process_index:05d}.pt"
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:

@@ -395,9 +395,8 @@ class Trainer:
         gradient is non-finite on any rank. Returns whether the update was applied."""
         skip = self._all_ranks_any(stats.pop("nonfinite"))
         grad_norm = self.engine.clip_grad_norm(self.cfg.train.max_grad_norm or math.inf)
-        applied = not skip and math.isfinite(grad_norm)
+        applied = self.engine.step(ok=not skip and math.isfinite(grad_norm))  # DeepSpeed: done in backward
         if applied:
-            self.optimizer.step()
             self.scheduler.step()  # a skipped step does not advance the schedule
         elif self.is_main:
             print(f"step {self.step + 1}: non-finite loss or gradient, step skipped")
@@ -475,10 +474,11 @@ class Trainer:
         window, written into a temporary folder and renamed into place (atomic)."""
         self.acc.wait_for_everyone()
         gathered, shards = {}, None
-        if self.engine.sharded:  # every rank: gather the whole trainable tensors, write optimizer shards
+        if self.engine.sharded:  # every rank: gather the whole trainable tensors
             gathered = dict(
                 trainable=self.engine.full_trainable_state(), teacher_state=self.teacher.state_dict()
             )
+        if self.engine.shards_optimizer:  # every rank: write its shard of the optimizer state
             shards = ckpt.shard_staging_dir(self.run_dir, self.step)
             if self.is_main:
                 shutil.rmtree(shards, ignore_errors=True)
@@ -494,7 +494,7 @@ class Trainer:
         return path
 
     def _resume(self) -> None:
-        sharded = self.engine.load_sharded_optimizer if self.engine.sharded else None
+        sharded = self.engine.load_sharded_optimizer if self.engine.shards_optimizer else None
         state = ckpt.load_latest(self.run_dir, load_sharded_optimizer=sharded, **self._checkpointed())
         if state is None:
             raise UserError(f"--resume: no complete checkpoint in {self.run_dir / 'checkpoints'}")

@@ -1,17 +1,19 @@
 """Run by tests/test_engines.py, alone or under `accelerate launch` (2 CPU processes): train the tiny
 config and write the final trainable tensors to RUN/final.safetensors (main process).
 
-    python engine_worker.py RUN [--stop-after N] [--resume] key=value ...
+    python engine_worker.py RUN [--stop-after N] [--resume] [--nan-step S] key=value ...
 
 Rollouts are made independent of how the batch is split over processes, so a 2-process run can be
 compared with one process: completions are still generated (under FSDP that is the gathered-weights
 path), then replaced by tokens derived from the problem, and graded by a hash of the problem, not by
 the verifier. `--stop-after N` ends the loop after step N (the schedule still spans train.steps), to
-resume later with `--resume`.
+resume later with `--resume`. `--nan-step S` makes the last process's losses NaN at step S (a step
+every engine must skip).
 
-Accelerate selects FSDP only on GPUs; launched with an FSDP config file on CPU (the launcher sets
-ACCELERATE_USE_FSDP and the FSDP_* variables), the state is switched to FSDP by hand with the plugin
-those variables describe, so the same `accelerator.prepare` path (FSDP2 `fully_shard` over gloo) runs.
+Accelerate selects FSDP and DeepSpeed only on GPUs; launched with an FSDP or DeepSpeed config file on
+CPU (the launcher sets ACCELERATE_USE_FSDP / ACCELERATE_USE_DEEPSPEED and the variables of the plugin),
+the state is switched by hand to the plugin those variables describe, so the same
+`accelerator.prepare` path runs (FSDP2 `fully_shard`, or DeepSpeed's engine, over gloo).
 """
 
 import hashlib
@@ -50,6 +52,20 @@ class SplitIndependentTrainer(Trainer):
         return rollouts
 
 
+def poison_step(trainer, step: int) -> None:
+    """The last process's micro-batch losses at step `step` become NaN."""
+    inner = trainer.loss
+
+    def loss(chunk, normalizer):
+        value, metrics, seen = inner(chunk, normalizer)
+        if trainer.step + 1 == step and trainer.acc.process_index == trainer.acc.num_processes - 1:
+            value = value * float("nan")
+        return value, metrics, seen
+
+    loss.batch_count = inner.batch_count
+    trainer.loss = loss
+
+
 def accelerator():
     acc = make_accelerator(cpu=True)
     if os.environ.get("ACCELERATE_USE_FSDP", "false") == "true" and acc.distributed_type != "FSDP":
@@ -59,19 +75,33 @@ def accelerator():
         state = AcceleratorState()
         state.fsdp_plugin = FullyShardedDataParallelPlugin()  # from the launcher's FSDP_* variables
         state.distributed_type = DistributedType.FSDP
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") == "true" and acc.distributed_type != "DEEPSPEED":
+        from accelerate.state import AcceleratorState, PartialState
+        from accelerate.utils import DeepSpeedPlugin, DistributedType
+
+        plugin = DeepSpeedPlugin()  # from the launcher's ACCELERATE_DEEPSPEED_* variables
+        plugin.select(_from_accelerator_state=True)
+        AcceleratorState().deepspeed_plugins = plugin
+        # both states: every AcceleratorState() copies the PartialState's distributed type
+        PartialState().distributed_type = AcceleratorState().distributed_type = DistributedType.DEEPSPEED
     return acc
 
 
 def main(argv):
     run_dir, rest = Path(argv[0]), argv[1:]
-    stop_after, resume = None, "--resume" in rest
-    if "--stop-after" in rest:
-        stop_after = int(rest[rest.index("--stop-after") + 1])
-        rest = [x for x in rest if x not in ("--stop-after", str(stop_after))]
+    options = {}
+    for flag in ("--stop-after", "--nan-step"):
+        if flag in rest:
+            i = rest.index(flag)
+            options[flag] = int(rest[i + 1])
+            rest = rest[:i] + rest[i + 2 :]
+    stop_after, resume = options.get("--stop-after"), "--resume" in rest
     rest = [x for x in rest if x != "--resume"]
     torch.set_num_threads(1)
     cfg = load_config(resolve_config_path("tiny"), rest)
     trainer = SplitIndependentTrainer(cfg, run_dir, resume=resume, accelerator=accelerator())
+    if "--nan-step" in options:
+        poison_step(trainer, options["--nan-step"])
     if stop_after is not None:
         trainer.cfg.train.steps = stop_after  # the loop stops; the schedule was built for the full run
     trainer.train()

@@ -1,6 +1,7 @@
 """Training engines through Accelerate (sgsd.engine): the shipped launcher configs load, teacher
-forwards stay out of DDP's reducer, and 2 CPU processes under DDP and FSDP2 end with the weights of
-one process at the same global batch, straight and across a resume.
+forwards stay out of DDP's reducer, and 2 CPU processes under DDP, FSDP2 and DeepSpeed ZeRO-2 (when
+the deepspeed package is installed) end with the weights of one process at the same global batch,
+straight and across a resume.
 
 Tolerance: 1e-5 absolute on every trainable tensor (measured: under 1e-6 after 3 AdamW steps; the
 processes add the same per-rollout gradients in a different order, so float rounding differs)."""
@@ -19,7 +20,8 @@ from sgsd.errors import UserError
 
 ROOT = Path(__file__).parents[1]
 ACCEL = CONFIG_DIR / "accelerate"
-SHIPPED = ["1gpu", "8gpu-ddp", "8gpu-zero2", "8gpu-zero3", "8gpu-fsdp", "cpu-2proc", "cpu-2proc-fsdp"]
+SHIPPED = ["1gpu", "8gpu-ddp", "8gpu-zero2", "8gpu-zero3", "8gpu-fsdp", "cpu-2proc", "cpu-2proc-fsdp",
+           "cpu-2proc-zero2"]  # fmt: skip
 TOLERANCE = 1e-5
 TRAIN = ["train.method=sgsd", "train.batch_size=4", "train.micro_batch_size=1", "skills.online_update=false",
          "data.eval_sources=[]", "rollout.merged_generation=false", "train.steps=3"]  # fmt: skip
@@ -34,11 +36,13 @@ def test_shipped_accelerate_configs_load(name):
 
     cfg = load_config_from_file(str(ACCEL / f"{name}.yaml"))
     expected = {"1gpu": "NO", "8gpu-ddp": "MULTI_GPU", "8gpu-zero2": "DEEPSPEED", "8gpu-zero3": "DEEPSPEED",
-                "8gpu-fsdp": "FSDP", "cpu-2proc": "MULTI_GPU", "cpu-2proc-fsdp": "FSDP"}[name]  # fmt: skip
+                "8gpu-fsdp": "FSDP", "cpu-2proc": "MULTI_GPU", "cpu-2proc-fsdp": "FSDP",
+                "cpu-2proc-zero2": "DEEPSPEED"}[name]  # fmt: skip
     assert str(cfg.distributed_type).split(".")[-1] == expected
     assert cfg.mixed_precision == "no"  # precision is model.dtype's
     if expected == "DEEPSPEED":
         assert cfg.deepspeed_config["zero_stage"] == (2 if "zero2" in name else 3)
+        assert cfg.deepspeed_config["gradient_clipping"] == 1.0  # configs/tiny.yaml's train.max_grad_norm
     if expected == "FSDP":
         assert cfg.fsdp_config["fsdp_version"] == 2
     assert (ROOT / "configs" / "accelerate" / f"{name}.yaml").is_file()  # the repository's configs/ link
@@ -59,16 +63,29 @@ def test_zero_configs_build_a_deepspeed_plugin(stage):
     assert plugin.deepspeed_config["zero_optimization"]["stage"] == stage
 
 
+def test_deepspeed_clipping_auto_is_filled_from_max_grad_norm():
+    from sgsd.config import load_config
+    from sgsd.configs import resolve_config_path
+    from sgsd.engine import check_setup
+
+    acc = _Acc(2, "DEEPSPEED", 2, clip="auto")
+    check_setup(
+        load_config(resolve_config_path("tiny"), ["train.batch_size=2", "train.max_grad_norm=0.5"]), acc
+    )
+    assert acc.state.deepspeed_plugin.deepspeed_config["gradient_clipping"] == 0.5
+
+
 def test_accelerate_configs_are_not_training_configs():
     assert not any(n.startswith("accelerate") for n in available_configs())
 
 
 class _Acc:
-    def __init__(self, n, kind="MULTI_GPU", stage=0):
+    def __init__(self, n, kind="MULTI_GPU", stage=0, clip=1.0):
         from types import SimpleNamespace
 
         self.num_processes, self.distributed_type = n, kind
-        self.state = SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage))
+        plugin = SimpleNamespace(zero_stage=stage, deepspeed_config={"gradient_clipping": clip})
+        self.state = SimpleNamespace(deepspeed_plugin=plugin)
 
 
 @pytest.mark.parametrize(
@@ -80,6 +97,9 @@ class _Acc:
          "data.eval_sources=[]"),
         (["rollout.merged_generation=false", "data.eval_sources=[]", "rollout.backend=vllm"], _Acc(2, "DEEPSPEED", 3),
          "rollout.backend=hf"),
+        (["rollout.merged_generation=false", "data.eval_sources=[]", "train.max_grad_norm=0.5"],
+         _Acc(2, "DEEPSPEED", 2), "gradient_clipping"),
+        (["rollout.merged_generation=false", "data.eval_sources=[]"], _Acc(2, "DEEPSPEED", 3), "ZeRO-3 is not supported"),
     ],
 )  # fmt: skip
 def test_setups_an_engine_cannot_run_are_refused(overrides, acc, message):
@@ -147,27 +167,89 @@ def test_teacher_forwards_stay_out_of_ddp_hooks(tmp_path, tiny_model_dir):
         assert result["params"] > 0 and result["max_diff"] <= 1e-6
 
 
+def _has_deepspeed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("deepspeed") is not None  # not imported here: its import is slow
+
+
+CONFIGS = {"cpu-2proc.yaml": "ddp", "cpu-2proc-fsdp.yaml": "fsdp", "cpu-2proc-zero2.yaml": "deepspeed"}
+ENGINE_CONFIGS = [
+    "cpu-2proc.yaml",
+    "cpu-2proc-fsdp.yaml",
+    pytest.param(
+        "cpu-2proc-zero2.yaml",
+        marks=pytest.mark.skipif(
+            not _has_deepspeed(),
+            reason="the deepspeed package is not installed (pip install deepspeed; see README, Scaling out)",
+        ),
+    ),
+]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("config", ["cpu-2proc.yaml", "cpu-2proc-fsdp.yaml"])
+@pytest.mark.parametrize("config", ENGINE_CONFIGS)
 def test_two_processes_match_one_process_straight_and_resumed(
     tmp_path, tiny_model_dir, one_process_runs, config
 ):
     """LoRA, 3 steps: 2 processes end with the adapter of one process; so does a 2-process run stopped
-    after step 2 and resumed (under FSDP the optimizer state is sharded in the checkpoint)."""
+    after step 2 and resumed (under FSDP and DeepSpeed the optimizer state is sharded in the checkpoint;
+    under DeepSpeed the step, clipping included, runs inside its backward)."""
     args = [f"model.name={tiny_model_dir}", *TRAIN]
     _launch(config, "engine_worker.py", tmp_path / "straight", *args)
-    kind = "fsdp" if "fsdp" in config else "ddp"
+    kind = CONFIGS[config]
     assert (tmp_path / "straight" / "engine.txt").read_text() == kind
     _assert_same(_final(tmp_path / "straight"), one_process_runs["lora"])
     _launch(config, "engine_worker.py", tmp_path / "resumed", *args, "--stop-after", 2)
     ckpt = tmp_path / "resumed" / "checkpoints" / "step-000002"
-    assert (ckpt / "optimizer").is_dir() == (kind == "fsdp")
+    assert (ckpt / "optimizer").is_dir() == (kind != "ddp")
+    if kind == "deepspeed":  # each rank's partition of the optimizer state
+        assert sorted(p.name for p in (ckpt / "optimizer").iterdir()) == ["rank-00000.pt", "rank-00001.pt"]
     _launch(config, "engine_worker.py", tmp_path / "resumed", *args, "--resume")
     _assert_same(_final(tmp_path / "resumed"), one_process_runs["lora"])
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", ["cpu-2proc.yaml", "cpu-2proc-fsdp.yaml"])
+@pytest.mark.skipif(
+    not _has_deepspeed(), reason="the deepspeed package is not installed (pip install deepspeed)"
+)
+def test_deepspeed_skips_a_non_finite_step_as_one_process_does(tmp_path, tiny_model_dir):
+    """A NaN loss on one rank at step 1: DeepSpeed, which steps inside the backward, skips that step
+    (schedule included) on every rank, and the run ends with the adapter of one process that skipped it."""
+    args = [f"model.name={tiny_model_dir}", *TRAIN, "--nan-step", 1]
+    _one_process(tmp_path / "one", *map(str, args))
+    _launch("cpu-2proc-zero2.yaml", "engine_worker.py", tmp_path / "ds", *args)
+    for run in ("one", "ds"):
+        rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        assert [r["skipped_step"] for r in rows] == [1.0, 0.0, 0.0], run
+        assert rows[0]["grad_norm"] != rows[0]["grad_norm"] or rows[0]["grad_norm"] == float("inf")
+    _assert_same(_final(tmp_path / "ds"), _final(tmp_path / "one"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not _has_deepspeed(), reason="the deepspeed package is not installed (pip install deepspeed)"
+)
+def test_deepspeed_clips_as_one_process_does(tmp_path, tiny_model_dir, one_process_runs):
+    """Clipping at 0.1 (below the tiny run's gradient norms, about 0.5): DeepSpeed's clipping inside its
+    step ends with the adapter of one process clipping at train.max_grad_norm=0.1 (measured 4e-7),
+    which differs from the unclipped run (by about 6e-4)."""
+    config = tmp_path / "zero2-clip.yaml"
+    config.write_text(
+        (ACCEL / "cpu-2proc-zero2.yaml")
+        .read_text()
+        .replace("gradient_clipping: 1.0", "gradient_clipping: 0.1")
+    )
+    args = [f"model.name={tiny_model_dir}", *TRAIN, "train.max_grad_norm=0.1"]
+    _one_process(tmp_path / "one", *args)
+    _launch(config, "engine_worker.py", tmp_path / "ds", *args)
+    clipped = _final(tmp_path / "one")
+    assert max((clipped[k] - one_process_runs["lora"][k]).abs().max().item() for k in clipped) > 1e-4
+    _assert_same(_final(tmp_path / "ds"), clipped)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ENGINE_CONFIGS)
 def test_full_fine_tuning_two_processes_match_one_process(tmp_path, tiny_model_dir, one_process_runs, config):
     """model.lora_rank=0: every weight trains; 2 processes end with the full weights of one process."""
     _launch(config, "engine_worker.py", tmp_path, f"model.name={tiny_model_dir}", *TRAIN, "model.lora_rank=0")
