@@ -117,6 +117,14 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     return ids
 
 
+def chat_prompt_ids(tokenizer, conversation: Conversation, enable_thinking: bool = False) -> list[int]:
+    """The token ids a generator samples after: the chat template rendered (`sgsd.prompts.render_chat`),
+    tokenized without extra special tokens. Every backend tokenizes prompts here, so all sample after
+    the same ids."""
+    text = render_chat(tokenizer, conversation, enable_thinking=enable_thinking)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 class HFGenerator:
     """Batched sampling with transformers `generate` (left padding, no grad, eval mode).
 
@@ -169,8 +177,7 @@ class HFGenerator:
             self._merged_copy.refresh()
 
     def prompt_ids(self, conversation: Conversation, enable_thinking: bool = False) -> list[int]:
-        text = render_chat(self.tokenizer, conversation, enable_thinking=enable_thinking)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return chat_prompt_ids(self.tokenizer, conversation, enable_thinking)
 
     def generate(
         self, conversations: Sequence[Conversation], params: SamplingParams, enable_thinking: bool = False
@@ -566,12 +573,7 @@ class VLLMGenerator:
     ) -> list[list[Completion]]:
         import vllm
 
-        prompts = [
-            self.tokenizer(render_chat(self.tokenizer, c, enable_thinking), add_special_tokens=False)[
-                "input_ids"
-            ]
-            for c in conversations
-        ]
+        prompts = [chat_prompt_ids(self.tokenizer, c, enable_thinking) for c in conversations]
         vllm_params = vllm.SamplingParams(
             n=params.n,
             temperature=params.temperature,
@@ -702,12 +704,7 @@ class VLLMServerGenerator:
     def generate(
         self, conversations: Sequence[Conversation], params: SamplingParams, enable_thinking: bool = False
     ) -> list[list[Completion]]:
-        prompts = [
-            self.tokenizer(render_chat(self.tokenizer, c, enable_thinking), add_special_tokens=False)[
-                "input_ids"
-            ]
-            for c in conversations
-        ]
+        prompts = [chat_prompt_ids(self.tokenizer, c, enable_thinking) for c in conversations]
         if not prompts:
             return []
         model = self.model if self.model is not None else (self._base_model or self.check())

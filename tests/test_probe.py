@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from grading_stub import alternate_grades
 
 from sgsd.errors import DataError
 from sgsd.probe import analyse, auc, bootstrap_auc, load_planted, polarity_mix
@@ -165,23 +166,11 @@ def test_load_planted(tmp_path):
 # The driver on the tiny model
 
 
-def _alternating_grades(monkeypatch):
-    import sgsd.verifier as verifier
-
-    class Verdict:
-        def __init__(self, ok):
-            self.correct, self.reason, self.extracted = ok, None, None
-
-    monkeypatch.setattr(
-        verifier, "grade_many", lambda pairs, **kw: [Verdict(i % 2 == 0) for i in range(len(pairs))]
-    )
-
-
 @pytest.mark.slow
 def test_probe_command_on_the_tiny_model(tmp_path, tiny_model_dir, monkeypatch, capsys):
     from sgsd.cli import main
 
-    _alternating_grades(monkeypatch)
+    alternate_grades(monkeypatch)
     planted = tmp_path / "pairs.json"
     planted.write_text(json.dumps([_pair("good"), _pair("bad", "misleading")]))
     out = tmp_path / "probe"
@@ -232,7 +221,7 @@ def test_probe_scores_retrieved_teachers_exactly_as_training_does(tmp_path, tiny
     from sgsd.probe import problem_order, sample_and_grade, score_rollouts
     from sgsd.trainer import Trainer
 
-    _alternating_grades(monkeypatch)
+    alternate_grades(monkeypatch)
     overrides = [
         f"model.name={tiny_model_dir}",
         "probe.problems=2",

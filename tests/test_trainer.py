@@ -7,26 +7,13 @@ import math
 
 import pytest
 import torch
+from grading_stub import alternate_grades
 from safetensors.torch import load_file
 
 from sgsd.cli import main
 from sgsd.fileio import read_jsonl
 
 pytestmark = pytest.mark.slow
-
-
-def _alternating_grades(monkeypatch):
-    """Random tiny models never answer correctly; alternate verdicts so every method gets a signal
-    (GRPO needs mixed rewards within a group, SGSD both outcome signs)."""
-    import sgsd.verifier as verifier
-
-    class Verdict:
-        def __init__(self, ok):
-            self.correct, self.reason, self.extracted = ok, None, None
-
-    monkeypatch.setattr(
-        verifier, "grade_many", lambda pairs, **kw: [Verdict(i % 2 == 0) for i in range(len(pairs))]
-    )
 
 
 def _train(tmp_path, tiny_model_dir, *overrides, name="run"):
@@ -54,7 +41,7 @@ OFFICIAL_OPSD = ["objective.loss=forward_kl", "objective.opsd_temperature=1.1", 
     ],
 )
 def test_every_method_trains_two_steps(tmp_path, tiny_model_dir, monkeypatch, method, extra):
-    _alternating_grades(monkeypatch)
+    alternate_grades(monkeypatch)
     run = _train(tmp_path, tiny_model_dir, f"train.method={method}", *DEMO_RETRIEVAL, *extra)
     rows = read_jsonl(run / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2]
@@ -72,7 +59,7 @@ def test_every_method_trains_two_steps(tmp_path, tiny_model_dir, monkeypatch, me
 
 
 def test_sgsd_logs_the_polarity_mix(tmp_path, tiny_model_dir, monkeypatch):
-    _alternating_grades(monkeypatch)
+    alternate_grades(monkeypatch)
     run = _train(tmp_path, tiny_model_dir, "train.method=sgsd")
     row = read_jsonl(run / "metrics.jsonl")[0]
     from sgsd.objectives import POLARITY_FRACTIONS
@@ -87,7 +74,7 @@ def test_sgsd_logs_each_decision_and_the_delta_histogram(tmp_path, tiny_model_di
     polarity mix, and a Delta histogram over the kept tokens (bins of sgsd.metrics.DELTA_EDGES)."""
     from sgsd.metrics import DELTA_EDGES
 
-    _alternating_grades(monkeypatch)
+    alternate_grades(monkeypatch)
     run = _train(tmp_path, tiny_model_dir, "train.method=sgsd")
     for row in read_jsonl(run / "metrics.jsonl"):
         decisions = row["decisions"]
@@ -106,7 +93,7 @@ def test_sgsd_logs_each_decision_and_the_delta_histogram(tmp_path, tiny_model_di
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bf16: adapters run under autocast
 def test_resume_continues_exactly(tmp_path, tiny_model_dir, monkeypatch, dtype):
-    _alternating_grades(monkeypatch)
+    alternate_grades(monkeypatch)
     common = ["train.method=sgsd", "train.save_every=2", "skills.update_every=2", f"model.dtype={dtype}"]
     straight = _train(tmp_path, tiny_model_dir, *common, "train.steps=4", name="straight")
     interrupted = _train(tmp_path, tiny_model_dir, *common, "train.steps=2", name="split")
@@ -136,7 +123,7 @@ def test_resume_continues_exactly(tmp_path, tiny_model_dir, monkeypatch, dtype):
 
 
 def test_non_finite_loss_skips_the_step(tmp_path, tiny_model_dir, monkeypatch):
-    _alternating_grades(monkeypatch)
+    alternate_grades(monkeypatch)
     import sgsd.teaching as teaching
 
     real = teaching.sgsd_loss
@@ -169,7 +156,7 @@ def test_non_finite_loss_skips_the_step(tmp_path, tiny_model_dir, monkeypatch):
 def test_a_second_run_in_the_same_folder_needs_resume_or_overwrite(
     tmp_path, tiny_model_dir, monkeypatch, capsys
 ):
-    _alternating_grades(monkeypatch)
+    alternate_grades(monkeypatch)
     run = _train(tmp_path, tiny_model_dir, "train.steps=1", "data.eval_sources=[]")
     args = [
         "train",
@@ -195,7 +182,7 @@ def test_vllm_backend_samples_with_the_adapter_of_each_step(tmp_path, tiny_model
     from fake_vllm import FakeEngine
     from transformers import AutoTokenizer
 
-    _alternating_grades(monkeypatch)
+    alternate_grades(monkeypatch)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     reply = tokenizer("The sum is \\boxed{3}.", add_special_tokens=False)["input_ids"] + [
         tokenizer.eos_token_id
@@ -246,7 +233,7 @@ def test_vllm_backend_refuses_full_fine_tuning(tmp_path, tiny_model_dir, capsys)
 def test_every_objective_path_trains(tmp_path, tiny_model_dir, monkeypatch, method, extra):
     """Each scoring/objective path (sampled-token gated and RKL, top-K support, full-vocabulary forward
     and reverse KL and JSD, GRPO's two aggregations) takes a finite step that moves the adapter."""
-    _alternating_grades(monkeypatch)
+    alternate_grades(monkeypatch)
     run = _train(tmp_path, tiny_model_dir, f"train.method={method}", "train.steps=1", "data.eval_sources=[]",
                  *DEMO_RETRIEVAL, *extra)  # fmt: skip
     [row] = read_jsonl(run / "metrics.jsonl")
@@ -305,7 +292,7 @@ def test_eval_run_scores_the_runs_own_held_out_problems(tmp_path, tiny_model_dir
     from sgsd.config import load_config
     from sgsd.data import held_out_sets, training_problems
 
-    _alternating_grades(monkeypatch)
+    alternate_grades(monkeypatch)
     run = _train(tmp_path, tiny_model_dir, "train.steps=1", "data.eval_size=3", "skills.online_update=false")
     out = tmp_path / "sweep"
     assert main(["eval", "--run", str(run), "--checkpoints", "0", "--out", str(out)]) == 0
@@ -324,7 +311,7 @@ def test_grpo_iterations_reuse_each_batch_with_a_real_ratio(tmp_path, tiny_model
     """objective.grpo_iterations = 2: each batch of rollouts serves two optimizer steps; the old log-probs
     are the sampling weights', so the ratio is 1 on the first pass and moves on the second; train.steps
     counts optimizer steps (3 steps = a round of 2 and a round of 1)."""
-    _alternating_grades(monkeypatch)
+    alternate_grades(monkeypatch)
     run = _train(tmp_path, tiny_model_dir, "train.method=grpo", "rollout.num_generations=2",
                  "objective.grpo_iterations=2", "train.steps=3", "train.save_every=2", "data.eval_sources=[]",
                  "train.lr=0.05")  # fmt: skip
@@ -354,7 +341,7 @@ def test_support_estimators_and_the_topk_gate_reach_the_objective(
     name, or the local KL; the per-step support by outcome is logged."""
     import sgsd.teaching as teaching
 
-    _alternating_grades(monkeypatch)
+    alternate_grades(monkeypatch)
     seen = []
     for name in ("sgsd_loss", "sgsd_local_kl_loss"):
         real = getattr(teaching, name)
@@ -391,7 +378,7 @@ def test_support_estimators_and_the_topk_gate_reach_the_objective(
 
 
 def test_cpu_budget_stops_the_run_and_rows_count_compute(tmp_path, tiny_model_dir, monkeypatch, capsys):
-    _alternating_grades(monkeypatch)
+    alternate_grades(monkeypatch)
     run = _train(
         tmp_path, tiny_model_dir, "train.steps=50", "train.cpu_budget_s=0.000001", "train.eval_at_start=false"
     )
@@ -406,7 +393,7 @@ def test_cpu_budget_stops_the_run_and_rows_count_compute(tmp_path, tiny_model_di
 
 
 def test_eval_every_cpu_s_evaluates_on_the_test_and_validation_splits(tmp_path, tiny_model_dir, monkeypatch):
-    _alternating_grades(monkeypatch)
+    alternate_grades(monkeypatch)
     run = _train(
         tmp_path, tiny_model_dir, "train.steps=2", "train.eval_every_cpu_s=0.000001", "data.validation_size=2"
     )
@@ -422,7 +409,7 @@ def test_eval_every_cpu_s_evaluates_on_the_test_and_validation_splits(tmp_path, 
 
 
 def test_compute_counters_survive_a_resume(tmp_path, tiny_model_dir, monkeypatch):
-    _alternating_grades(monkeypatch)
+    alternate_grades(monkeypatch)
     run = _train(tmp_path, tiny_model_dir, "train.steps=2", "train.save_every=2")
     before = read_jsonl(run / "metrics.jsonl")
     rc = main(
@@ -441,7 +428,7 @@ def test_compute_counters_survive_a_resume(tmp_path, tiny_model_dir, monkeypatch
 
 
 def test_grpo_logs_the_fraction_of_mixed_groups(tmp_path, tiny_model_dir, monkeypatch):
-    _alternating_grades(monkeypatch)  # rewards alternate within every group of 2: all groups mixed
+    alternate_grades(monkeypatch)  # rewards alternate within every group of 2: all groups mixed
     run = _train(tmp_path, tiny_model_dir, "train.method=grpo", "rollout.num_generations=2")
     assert [r["mixed_group_fraction"] for r in read_jsonl(run / "metrics.jsonl")] == [1.0, 1.0]
     sgsd = _train(tmp_path, tiny_model_dir, "train.method=sgsd", *DEMO_RETRIEVAL, name="sgsd")

@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 from fake_vllm_server import BASE_MODEL, FakeVLLMServer
+from grading_stub import alternate_grades
 from safetensors.torch import load_file
 
 from sgsd.cli import main
@@ -250,18 +251,6 @@ def test_the_config_needs_a_server_url():
 # ---- the trainer and `sgsd eval` end to end ----------------------------------------------------
 
 
-def _alternating_grades(monkeypatch):
-    import sgsd.verifier as verifier
-
-    class Verdict:
-        def __init__(self, ok):
-            self.correct, self.reason, self.extracted = ok, None, None
-
-    monkeypatch.setattr(
-        verifier, "grade_many", lambda pairs, **kw: [Verdict(i % 2 == 0) for i in range(len(pairs))]
-    )
-
-
 @pytest.mark.slow
 def test_training_samples_each_step_with_that_steps_adapter(tmp_path, tiny_model_dir, monkeypatch):
     """Two steps of the real trainer with rollout.backend=vllm_server: before every use after an optimizer
@@ -269,7 +258,7 @@ def test_training_samples_each_step_with_that_steps_adapter(tmp_path, tiny_model
     and the rollouts and evaluations ask for exactly that name with the configured sampler."""
     from transformers import AutoTokenizer
 
-    _alternating_grades(monkeypatch)
+    alternate_grades(monkeypatch)
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     reply = tok("The sum is \\boxed{3}.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     run = tmp_path / "run"
