@@ -8,6 +8,7 @@ processes add the same per-rollout gradients in a different order, so float roun
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -119,9 +120,18 @@ def _env():
     return dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
 
 
+def _free_port() -> int:
+    """A port nothing listens on now: each launch gets its own rendezvous port, so a launch never meets
+    the previous one's socket still closing on Accelerate's default port."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def _launch(config, script, *args):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCEL / config),
-           str(Path(__file__).with_name(script)), *map(str, args)]  # fmt: skip
+           "--main_process_port", str(_free_port()), str(Path(__file__).with_name(script)),
+           *map(str, args)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env())
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
