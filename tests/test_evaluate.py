@@ -431,6 +431,12 @@ def test_evaluate_sources_writes_layout_for_the_trainer(tmp_path, monkeypatch):
     )  # fmt: skip
 
 
+def _closable(factory):
+    """A stand-in generator factory with the `close()` that `sgsd eval` calls when it is done."""
+    factory.close = lambda: None
+    return factory
+
+
 def test_eval_command_on_a_run_writes_summaries_and_selection(tmp_path, monkeypatch, capsys):
     import sgsd.commands.eval as eval_cmd
     from sgsd.cli import main
@@ -452,7 +458,7 @@ def test_eval_command_on_a_run_writes_summaries_and_selection(tmp_path, monkeypa
             return ScriptGenerator({"ten": ["\\boxed{10}"] * right + ["\\boxed{0}"] * (3 - right),
                                     "seven": ["\\boxed{7}"] * 3})  # fmt: skip
 
-        return factory
+        return _closable(factory)
 
     monkeypatch.setattr(eval_cmd, "_generator_factory", factory_for)
     from sgsd import evaluate as evaluate_mod
@@ -503,7 +509,7 @@ def test_evaluate_sources_and_the_eval_command_pass_the_configured_extraction(tm
 
     seen.clear()
     _patch_module(monkeypatch, "sgsd.data", load_problems=lambda source, **kw: problems)
-    monkeypatch.setattr(eval_cmd, "_generator_factory", lambda cfg: lambda adapter: gen)
+    monkeypatch.setattr(eval_cmd, "_generator_factory", lambda cfg: _closable(lambda adapter: gen))
     out = tmp_path / "b"
     assert (
         main(["eval", "--sources", "hf:ten", "--k", "2", "--out", str(out), "verifier.extraction=free"]) == 0
