@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from script_loader import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location(
-    "gpu_step_benchmark", ROOT / "benchmarks" / "gpu" / "step_benchmark.py"
-)
-step_benchmark = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(step_benchmark)
+step_benchmark = load_script("benchmarks/gpu/step_benchmark.py", "gpu_step_benchmark")
 
 
 def test_tiny_run_on_cpu_writes_out_json(tmp_path, monkeypatch):

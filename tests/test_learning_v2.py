@@ -3,7 +3,6 @@ tiny random model."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -12,19 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from script_loader import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "learning_v2.py"
 
 
-def _module():
-    spec = importlib.util.spec_from_file_location("learning_v2", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-lv2 = _module()
+lv2 = load_script("benchmarks/learning_v2.py", "learning_v2")
 
 
 def test_mdd_by_hand():
