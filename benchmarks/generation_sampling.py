@@ -1,11 +1,12 @@
 """Sampling cost of the hf generator by decoding mode: greedy, plain sampling, top-p, top-k + top-p.
 
 transformers samples over the whole vocabulary: top-k masks the other logits, top-p sorts all V of
-them, and the draw is a softmax + multinomial over V. The generator's `CandidateSampler` draws top-k
-sampling among the k candidates instead (same distribution). This script times the modes side by
-side in one process (interleaved repeats, median; wall and process CPU seconds) on an embedded
-model: the training sampler (T=1.1, top-k 20, top-p 0.95) both ways, greedy, plain sampling and the
-evaluation sampler (T=1, top-p 0.95, no top-k: always transformers' sampling). EOS is disabled so every row generates exactly `--tokens` tokens.
+them, and the draw is a softmax + multinomial over V. The generator's `CandidateSampler` draws among
+a few candidates instead (same distribution): the k of top-k, or for top-p alone the tokens that can
+lie in the nucleus. This script times the modes side by side in one process (interleaved repeats,
+median; wall and process CPU seconds) on an embedded model: the training sampler (T=1.1, top-k 20,
+top-p 0.95) and the evaluation sampler (T=1, top-p 0.95, no top-k) both ways, greedy and plain
+sampling. EOS is disabled so every row generates exactly `--tokens` tokens.
 
     HF_HUB_OFFLINE=1 python benchmarks/generation_sampling.py --model embedded:qwen2.5-coder-0.5b \
         --batch 16 --tokens 64 --repeats 3 [--json]
@@ -34,7 +35,8 @@ from sgsd.models import load_policy  # noqa: E402
 MODES = {
     "greedy": (dict(temperature=0.0), True),
     "sample (top_p=1, top_k=0)": (dict(temperature=1.0, top_p=1.0, top_k=0), True),
-    "eval sampler (T=1, top_p=0.95; transformers)": (dict(temperature=1.0, top_p=0.95, top_k=0), True),
+    "eval sampler (T=1, top_p=0.95), transformers": (dict(temperature=1.0, top_p=0.95, top_k=0), False),
+    "eval sampler (T=1, top_p=0.95), candidates": (dict(temperature=1.0, top_p=0.95, top_k=0), True),
     "training sampler, transformers (whole vocabulary)": (dict(temperature=1.1, top_p=0.95, top_k=20), False),
     "training sampler, candidates": (dict(temperature=1.1, top_p=0.95, top_k=20), True),
 }

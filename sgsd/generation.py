@@ -154,8 +154,8 @@ class HFGenerator:
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
-        # top-k sampling draws among the k candidates (`CandidateSampler`); False = transformers' own
-        # sampling over the whole vocabulary (same distribution, about twice the per-step cost)
+        # top-k/top-p sampling draws among a few candidates (`CandidateSampler`); False = transformers'
+        # own sampling over the whole vocabulary (same distribution, about twice the per-step cost)
         self.candidate_sampling = candidate_sampling
         self.merged = bool(merged) and has_lora_layers(model)
         self.progress = progress
@@ -235,8 +235,9 @@ class HFGenerator:
             input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
             attention_mask[row, width - len(ids) :] = 1
         greedy = params.temperature == 0
-        # with top-k, a CandidateSampler draws the token and generate() only takes its argmax
-        candidates = not greedy and params.top_k > 0 and self.candidate_sampling
+        # with top-k or top-p, a CandidateSampler draws the token and generate() only takes its argmax
+        truncated = params.top_k > 0 or params.top_p < 1.0
+        candidates = not greedy and truncated and self.candidate_sampling
         processors = [CandidateSampler(params.temperature, params.top_k, params.top_p)] if candidates else []
         greedy = greedy or candidates
         config = GenerationConfig(
@@ -304,30 +305,39 @@ class HFGenerator:
 
 
 class CandidateSampler:
-    """One step of top-k (then top-p) sampling, drawn among the k candidates instead of the vocabulary.
+    """One step of top-k and/or top-p sampling, drawn among a few candidates instead of the vocabulary.
 
     transformers samples top-k by masking the other V - k logits, sorting the whole vocabulary for
     top-p and drawing from a softmax over V: with Qwen's V = 151,936 that costs about as much per step
-    as the 0.5B model's own decoding step on a CPU (benchmarks/README.md, "Sampling among the top-k
-    candidates"). Here the candidates come from one top-k (`sgsd.scoring.sampler_distribution`: the
-    same distribution, ties with the k-th logit kept, temperature, then top-p among them) and the token
-    is drawn from those m probabilities with the global torch generator. Used as the logits processor
+    as the 0.5B model's own decoding step on a CPU (benchmarks/README.md, "Sampling among the
+    candidates"). Here the same distribution is drawn over m candidates with the global torch
+    generator: with top-k the k most likely (ties with the k-th kept; `sgsd.scoring.sampler_distribution`),
+    then top-p among them; with top-p alone the 64 most likely (`sgsd.scoring.nucleus_candidates`), and
+    only the rows whose nucleus may be wider than that are drawn over the sorted vocabulary. Used as the logits processor
     of a greedy `generate()`: it returns logits that are -inf except at the drawn token, whose argmax is
-    the sample. Top-p without top-k stays with transformers (a top-256 pre-selection measured no
-    faster than its sort)."""
+    the sample. Plain sampling (neither top-k nor top-p) stays with transformers."""
 
     def __init__(self, temperature: float, top_k: int, top_p: float):
-        if temperature <= 0 or top_k < 1:
-            raise ConfigError("CandidateSampler needs temperature > 0 and top_k >= 1")
+        if temperature <= 0 or top_k < 0 or not (top_k >= 1 or 0 < top_p < 1):
+            raise ConfigError("CandidateSampler needs temperature > 0 and top_k >= 1 or 0 < top_p < 1")
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
 
     def __call__(self, input_ids, scores):
         import torch
 
-        from sgsd.scoring import sampler_distribution
+        from sgsd.scoring import nucleus_candidates, sampler_distribution
 
-        ids, q = sampler_distribution(scores, self.temperature, self.top_k, self.top_p)  # [R, m], [R, m]
-        token = ids.gather(1, torch.multinomial(q, 1))  # [R, 1]
+        if self.top_k:
+            ids, q = sampler_distribution(scores, self.temperature, self.top_k, self.top_p)  # [R, m], [R, m]
+            token = ids.gather(1, torch.multinomial(q, 1))  # [R, 1]
+        else:
+            nucleus = nucleus_candidates(scores.float() / self.temperature, self.top_p)
+            token = nucleus.ids.gather(1, torch.multinomial(nucleus.cut(self.top_p).softmax(-1), 1))  # [R, 1]
+            if bool(nucleus.wide.any()):  # nuclei that may reach beyond the candidates: drawn again
+                ids, q = sampler_distribution(
+                    scores[nucleus.wide], self.temperature, 0, self.top_p
+                )  # [w, V] x2
+                token[nucleus.wide] = ids.gather(1, torch.multinomial(q, 1))
         return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)  # [R, V]
 
 

@@ -330,9 +330,10 @@ def sampler_distribution(
     most likely tokens whose mass reaches top_p; at least one token); temperature 0 is greedy.
 
     `logits` `[n, V]` (upcast to fp32, as `generate` does). Returns `(ids [n, m], q [n, m])`: for each
-    row the m candidate ids and their probabilities, 0 where a candidate is cut (m = V when neither
-    top-k nor a greedy choice bounds the set, else about k). With top-k only `[n, m]` tensors and one
-    `[n, V]` fp32 copy are made.
+    row the m candidate ids and their probabilities, 0 where a candidate is cut: about k with top-k;
+    with top-p alone NUCLEUS_CANDIDATES when every row's nucleus lies among that many most likely
+    tokens (`nucleus_candidates`), else V; V without either; 1 when greedy. With top-k, or top-p
+    alone in narrow rows, only `[n, m]` tensors and one `[n, V]` fp32 copy are made.
     """
     if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
         raise ConfigError(f"bad sampler: temperature {temperature}, top_k {top_k}, top_p {top_p}")
@@ -346,18 +347,66 @@ def sampler_distribution(
         width = int((logits >= kth).sum(-1).max())  # ties with the k-th value stay, as in transformers
         values, ids = logits.topk(width, dim=-1)  # [n, m] descending
         values = values.masked_fill(values < kth, float("-inf")) / temperature  # [n, m]
-    elif top_p < 1.0:
-        values, ids = (logits / temperature).sort(dim=-1, descending=True)  # [n, V]
-    else:
-        ids = torch.arange(vocab, device=logits.device).expand(logits.shape[0], vocab)  # [n, V]
-        return ids, torch.softmax(logits / temperature, dim=-1)
+        # top-p then works on the top-k distribution: the candidates hold all of its mass
+        return ids, top_p_cut(values, values.logsumexp(-1, keepdim=True), 0.0, top_p).softmax(-1)
     if top_p < 1.0:
-        ascending = values.flip(-1)  # [n, m]
-        mass = ascending.softmax(-1).cumsum(-1)  # [n, m]
-        cut = mass <= 1.0 - top_p  # [n, m]
-        cut[:, -1] = False  # the most likely token always stays
-        values = values.masked_fill(cut.flip(-1), float("-inf"))  # [n, m]
-    return ids, values.softmax(-1)  # [n, m], [n, m]
+        z = logits / temperature  # [n, V]
+        nucleus = nucleus_candidates(z, top_p)
+        if bool(nucleus.wide.any()):  # some nucleus may be wider than the candidates: sort everything
+            values, ids = z.sort(dim=-1, descending=True)  # [n, V]
+            return ids, top_p_cut(values, nucleus.log_total, 0.0, top_p).softmax(-1)
+        return nucleus.ids, nucleus.cut(top_p).softmax(-1)
+    ids = torch.arange(vocab, device=logits.device).expand(logits.shape[0], vocab)  # [n, V]
+    return ids, torch.softmax(logits / temperature, dim=-1)
+
+
+def top_p_cut(values: torch.Tensor, log_total: torch.Tensor, outside, top_p: float) -> torch.Tensor:
+    """transformers' top-p rule on candidates `values` `[n, m]` (descending, -inf padded) of a
+    distribution with log-normaliser `log_total` `[n, 1]` whose other tokens hold `outside` (`[n, 1]`
+    or 0): a token is cut when the ascending cumulative probability up to it is <= 1 - top_p; the
+    most likely always stays. Returns the values with the cut ones at -inf `[n, m]`."""
+    if top_p >= 1.0:
+        return values
+    ascending = values.flip(-1)  # [n, m]
+    mass = outside + (ascending - log_total).exp().cumsum(-1)  # [n, m]
+    cut = mass <= 1.0 - top_p  # [n, m]
+    cut[:, -1] = False  # the most likely token always stays
+    return values.masked_fill(cut.flip(-1), float("-inf"))  # [n, m]
+
+
+NUCLEUS_CANDIDATES = 64  # the most likely tokens looked at first for a top-p nucleus
+
+
+@dataclass
+class NucleusCandidates:
+    """The `width` most likely tokens of each row of z = logits / T, for top-p without top-k.
+
+    values, ids `[n, w]` descending; log_total `[n, 1]` the log-normaliser over the whole vocabulary;
+    outside `[n, 1]` the probability of every other token; wide `[n]` True where the candidates hold
+    less than top_p, so that the nucleus may reach beyond them. In the other rows the nucleus (the
+    smallest set of most likely tokens whose mass reaches top_p) lies among the candidates, and
+    `cut(top_p)` applies transformers' rule exactly, without sorting the vocabulary (on a CPU, sorting
+    Qwen's V = 151,936 logits costs more than the 0.5B model's decoding step; benchmarks/README.md,
+    "Sampling among the candidates")."""
+
+    values: torch.Tensor
+    ids: torch.Tensor
+    log_total: torch.Tensor
+    outside: torch.Tensor
+    wide: torch.Tensor
+
+    def cut(self, top_p: float) -> torch.Tensor:
+        return top_p_cut(self.values, self.log_total, self.outside, top_p)  # [n, w]
+
+
+def nucleus_candidates(z: torch.Tensor, top_p: float, width: int | None = None) -> NucleusCandidates:
+    """`z` `[n, V]` fp32; `width` defaults to NUCLEUS_CANDIDATES (capped at V)."""
+    width = min(NUCLEUS_CANDIDATES if width is None else width, z.shape[-1])
+    log_total = torch.logsumexp(z, dim=-1, keepdim=True)  # [n, 1]
+    values, ids = z.topk(width, dim=-1)  # [n, w] descending
+    held = (values - log_total).exp().sum(-1, keepdim=True)  # [n, 1]
+    outside = (1.0 - held).clamp_min(0.0)  # [n, 1]
+    return NucleusCandidates(values, ids, log_total, outside, wide=held[:, 0] < top_p)
 
 
 def _gap_terms(

@@ -206,6 +206,25 @@ def test_candidate_sampler_draws_transformers_distribution(row, top_p):
     assert torch.allclose(frequency, expected, atol=0.012)  # 20k draws: standard error <= 0.0036
 
 
+def test_candidate_sampler_with_top_p_alone_draws_transformers_distribution():
+    # at T 0.8 the five most likely hold 0.903 >= 0.9: the nucleus (the evaluation sampler's form)
+    logits = torch.tensor([[0.1, 2.0, 0.2, 1.5, -1.0, 1.0, 0.0, 2.2, -0.5, 0.3]])  # [1, V]
+    temperature, top_p, draws = 0.8, 0.9, 20_000
+    expected = _transformers_probabilities(logits, temperature, 0, top_p)[0]  # [V]
+    assert int((expected > 0).sum()) == 5
+    torch.manual_seed(0)
+    out = generation.CandidateSampler(temperature, 0, top_p)(None, logits.expand(draws, -1))  # [draws, V]
+    assert torch.equal((out == 0).sum(-1), torch.ones(draws, dtype=torch.long))  # one token per row
+    frequency = torch.bincount(out.argmax(-1), minlength=logits.shape[1]).float() / draws  # [V]
+    assert torch.all(frequency[expected == 0] == 0)  # nothing outside the nucleus
+    assert torch.allclose(frequency, expected, atol=0.012)  # 20k draws: standard error <= 0.0036
+
+
+def test_candidate_sampler_refuses_plain_sampling():
+    with pytest.raises(ConfigError, match="top_k >= 1 or 0 < top_p < 1"):
+        generation.CandidateSampler(1.0, 0, 1.0)
+
+
 @pytest.mark.parametrize("candidate_sampling", [True, False])
 @pytest.mark.parametrize("top_k, top_p", [(1, 1.0), (0, 1e-6)])
 def test_hf_sampling_down_to_one_candidate_is_greedy(tiny, candidate_sampling, top_k, top_p):

@@ -315,6 +315,50 @@ def test_sampler_distribution_matches_transformers_warpers(temperature, top_k, t
     torch.testing.assert_close(_q_dense(ids, q, 300), torch.softmax(warped, -1), atol=1e-6, rtol=0)
 
 
+def test_nucleus_candidates_hand_values():
+    # probabilities 0.644, 0.237, 0.087, 0.032
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    p = torch.softmax(logits, -1)[0]
+    # the two most likely hold 0.881 >= 0.7: the nucleus lies among them, 0.119 lies outside
+    nucleus = scoring.nucleus_candidates(logits, top_p=0.7, width=2)
+    assert nucleus.ids.tolist() == [[0, 1]] and nucleus.wide.tolist() == [False]
+    torch.testing.assert_close(nucleus.values, torch.tensor([[2.0, 1.0]]))
+    torch.testing.assert_close(nucleus.log_total, torch.logsumexp(logits, -1, keepdim=True))
+    torch.testing.assert_close(nucleus.outside, (p[2] + p[3]).reshape(1, 1))
+    # ascending cumulative with the outside mass: 0.119 + 0.237 = 0.356 > 0.3, so both stay
+    assert torch.isfinite(nucleus.cut(0.7)).all()
+    # top-p 0.5: 0.356 <= 0.5 cuts the second
+    assert torch.isinf(nucleus.cut(0.5)[0, 1]) and torch.isfinite(nucleus.cut(0.5)[0, 0])
+    # 0.881 < 0.9: the nucleus may be wider than two tokens
+    assert scoring.nucleus_candidates(logits, top_p=0.9, width=2).wide.tolist() == [True]
+    # a batch with one wide row: sampler_distribution falls back to the whole sorted vocabulary
+    two = torch.tensor([[2.0, 1.0, 0.0, -1.0], [9.0, 0.0, 0.0, 0.0]])
+    assert scoring.nucleus_candidates(two, top_p=0.9, width=2).wide.tolist() == [True, False]
+
+
+@pytest.mark.parametrize("width", [1, 3, 64, 20_000])
+def test_top_p_alone_matches_transformers_on_a_large_vocabulary(width, monkeypatch):
+    """Whether every nucleus lies among the candidates (peaked rows, wide enough) or some row needs the
+    sorted vocabulary, the distribution is transformers' top-p over the whole vocabulary."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+    monkeypatch.setattr(scoring, "NUCLEUS_CANDIDATES", width)
+    torch.manual_seed(3)
+    vocab = 20_000
+    logits = torch.randn(5, vocab) * torch.tensor([[0.3], [1.0], [2.0], [4.0], [6.0]])  # flat to peaked
+    logits[3:, :3] += 30.0  # three tokens hold almost everything
+    for rows in (slice(0, 5), slice(3, 5)):  # with flat rows; peaked rows only
+        for temperature, top_p in ((1.0, 0.95), (0.6, 0.8)):
+            part = logits[rows]
+            warped = TopPLogitsWarper(top_p)(None, TemperatureLogitsWarper(temperature)(None, part.clone()))
+            ids, q = scoring.sampler_distribution(part, temperature, 0, top_p)
+            if rows == slice(3, 5) and width >= 3:
+                assert ids.shape[1] == width  # found among the candidates, no sort
+            dense = _q_dense(ids, q, vocab)  # [n, V]
+            torch.testing.assert_close(dense, torch.softmax(warped, -1), atol=1e-6, rtol=0)
+            assert torch.equal(dense > 0, torch.isfinite(warped))  # the same support
+
+
 def test_expected_gap_is_minus_reverse_kl_at_temperature_one_without_truncation():
     from sgsd.objectives import reverse_kl
 
