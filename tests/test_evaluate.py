@@ -518,3 +518,27 @@ def test_evaluate_sources_and_the_eval_command_pass_the_configured_extraction(tm
     seen.clear()
     assert main(["eval", "--sources", "hf:ten", "--k", "2", "--out", str(tmp_path / "c")]) == 0
     assert seen and all(kw["extraction"] == "boxed" for kw in seen)  # the default
+
+
+@pytest.mark.parametrize("batch_size, conversations_per_call", [(4, [2, 2, 1]), (32, [5]), (1, [1] * 5)])
+def test_eval_command_generates_eval_batch_size_sequences_at_once(
+    tmp_path, monkeypatch, batch_size, conversations_per_call
+):
+    """`sgsd eval` hands the generator eval.batch_size // k problems (x k samples) per call, as the
+    in-loop evaluation does (it used to send 8 problems whatever eval.batch_size said)."""
+    import sgsd.commands.eval as eval_cmd
+    import sgsd.evaluate as evaluate_mod
+    from sgsd.cli import main
+
+    problems = [FakeProblem(f"p{i}", f"q{i}", str(i)) for i in range(5)]
+    gen = ScriptGenerator({f"q{i}": [f"\\boxed{{{i}}}"] * 2 for i in range(5)})
+    _patch_module(monkeypatch, "sgsd.generation", SamplingParams=FakeParams)
+    _patch_module(monkeypatch, "sgsd.verifier", grade_many=lambda pairs, **kw: fake_grade(pairs))
+    _patch_module(monkeypatch, "sgsd.data", load_problems=lambda source, **kw: problems)
+    monkeypatch.setattr(evaluate_mod, "_student_prompt", prompt)
+    monkeypatch.setattr(eval_cmd, "_generator_factory", lambda cfg: _closable(lambda adapter: gen))
+    args = ["eval", "--sources", "hf:q", "--k", "2", "--out", str(tmp_path), f"eval.batch_size={batch_size}"]
+    assert main(args) == 0
+    assert [len(call[0]) for call in gen.calls] == conversations_per_call
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["results"]["q"]["avg@k"] == pytest.approx(1.0)

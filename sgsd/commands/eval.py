@@ -103,7 +103,11 @@ def run(args) -> int:
     )
     prompt_fn = _skill_prompt_fn(cfg) if cfg.eval.with_skills else None
     factory = _generator_factory(cfg)
-    common = dict(prompt_fn=prompt_fn, grade_fn=grade_fn, seed=eval_seed(cfg.train.seed))
+    # eval.batch_size sequences (problems x k) per generate call, as the in-loop evaluation samples them
+    chunk_size = max(1, cfg.eval.batch_size // k)
+    common = dict(
+        prompt_fn=prompt_fn, grade_fn=grade_fn, seed=eval_seed(cfg.train.seed), chunk_size=chunk_size
+    )
 
     if run_dir is None:
         out = out or Path("runs") / "eval" / source_slug(cfg.model.name)
