@@ -46,6 +46,10 @@ from functools import partial
 from pathlib import Path
 from statistics import NormalDist
 
+# torch's worker threads wait passively (before torch loads here and in every run this script starts): with the
+# default spin-waiting, a run that shares the 2 cores with another busy process burns 3-4x the CPU-seconds for
+# the same work, so CPU budgets would buy less (benchmarks/README.md, "Learning, second round")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the first round's helpers (learning.py)
 import learning as r1  # noqa: E402
 

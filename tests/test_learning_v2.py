@@ -157,3 +157,28 @@ def test_float_overrides_read_back_as_floats():
             [f"train.lr={lv2.yaml_float(lr)}", f"train.cpu_budget_s={lv2.yaml_float(6e-5)}"],
         )
         assert cfg.train.lr == pytest.approx(lr) and cfg.train.cpu_budget_s == pytest.approx(6e-5)
+
+
+@pytest.mark.parametrize("user_value, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_runs_started_by_the_script_wait_passively(tmp_path, user_value, expected):
+    """Loading the script sets OMP_WAIT_POLICY=PASSIVE for itself and every run it starts (so that a run
+    sharing the cores does not burn its CPU budget spin-waiting); a value the user set stays."""
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if user_value:
+        env["OMP_WAIT_POLICY"] = user_value
+    show_policy = tmp_path / "show_policy.py"
+    show_policy.write_text("import os\nprint('policy', os.environ['OMP_WAIT_POLICY'])\n")
+    parent = tmp_path / "parent.py"  # loads the script, then starts a run through it
+    parent.write_text(
+        "import importlib.util, sys, pathlib\n"
+        f"spec = importlib.util.spec_from_file_location('lv2', {str(Path(lv2.__file__))!r})\n"
+        "lv2 = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(lv2)\n"
+        f"ok = lv2.run_cli([sys.executable, {str(show_policy)!r}], pathlib.Path({str(tmp_path / 'child.log')!r}), 'x')\n"
+        "sys.exit(0 if ok else 1)\n"
+    )
+    result = subprocess.run([sys.executable, str(parent)], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert f"policy {expected}" in (tmp_path / "child.log").read_text()
