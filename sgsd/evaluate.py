@@ -218,6 +218,12 @@ def _equivalence_table(keys_per_problem: list[list[str]], grade_fn) -> dict[tupl
     return {pair: bool(r.correct) for pair, r in zip(pairs, results, strict=True)}
 
 
+def problems_per_call(batch_size: int, k: int) -> int:
+    """Problems handed to the generator per call so that about `batch_size` sequences (problems x k
+    samples) are generated at once; `sgsd eval` and the in-loop evaluation both chunk this way."""
+    return max(1, batch_size // k)
+
+
 def evaluate_problems(
     generator,
     problems: Sequence,
@@ -361,7 +367,7 @@ def evaluate_sources(
                 prompt_fn=prompt_fn,
                 grade_fn=grade_fn,
                 seed=seed,
-                chunk_size=max(1, batch_size // k),
+                chunk_size=problems_per_call(batch_size, k),
                 progress=progress,
             )
     summary = {

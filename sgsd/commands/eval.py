@@ -86,7 +86,7 @@ def run(args) -> int:
         steps = _parse_checkpoints(args.checkpoints, out, [source_slug(s) for s in test_sources])
 
     from sgsd.data import held_out_sets, validation_sets
-    from sgsd.evaluate import eval_seed
+    from sgsd.evaluate import eval_seed, problems_per_call
     from sgsd.generation import sampling_params
     from sgsd.verifier import grade_many
 
@@ -103,8 +103,7 @@ def run(args) -> int:
     )
     prompt_fn = _skill_prompt_fn(cfg) if cfg.eval.with_skills else None
     factory = _generator_factory(cfg)
-    # eval.batch_size sequences (problems x k) per generate call, as the in-loop evaluation samples them
-    chunk_size = max(1, cfg.eval.batch_size // k)
+    chunk_size = problems_per_call(cfg.eval.batch_size, k)  # as the in-loop evaluation samples
     common = dict(
         prompt_fn=prompt_fn, grade_fn=grade_fn, seed=eval_seed(cfg.train.seed), chunk_size=chunk_size
     )
