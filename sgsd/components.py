@@ -65,7 +65,12 @@ def build_policy(cfg: Config, device, show_progress: bool = False) -> Policy:
         generator = server
     else:
         generator = HFGenerator(
-            model, tokenizer, batch_size=r.batch_size, merged=r.merged_generation, progress=show_progress
+            model,
+            tokenizer,
+            batch_size=r.batch_size,
+            merged=r.merged_generation,
+            progress=show_progress,
+            prune_finished=r.prune_finished,
         )
     return Policy(model, tokenizer, teacher, generator)
 

@@ -138,6 +138,12 @@ class HFGenerator:
     `refresh()` rebuilds it at once. A model without LoRA layers has nothing to merge and is
     sampled as is. `progress=True` shows the tokens generated, tokens/s and an ETA on a tqdm bar
     (`GenerationProgress`) when stderr is a terminal.
+
+    `prune_finished=True` (the default) decodes with `sgsd.decoding.decode`, which drops each row
+    from the batch and its KV cache once it has ended; False runs transformers' `generate`, which
+    keeps finished rows to the end (same distribution, about twice the work on a CPU for completions
+    of mixed lengths; benchmarks/README.md, "Dropping finished rows"). Under FSDP or ZeRO-3 over several
+    processes, where every process must run the same forwards, `generate` is used either way.
     """
 
     def __init__(
@@ -148,6 +154,7 @@ class HFGenerator:
         merged: bool = False,
         progress: bool = False,
         candidate_sampling: bool = True,
+        prune_finished: bool = True,
     ):
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
@@ -157,6 +164,7 @@ class HFGenerator:
         # top-k/top-p sampling draws among a few candidates (`CandidateSampler`); False = transformers'
         # own sampling over the whole vocabulary (same distribution, about twice the per-step cost)
         self.candidate_sampling = candidate_sampling
+        self.prune_finished = prune_finished
         self.merged = bool(merged) and has_lora_layers(model)
         self.progress = progress
         self._merged_copy: MergedGenerationCopy | None = None
@@ -222,8 +230,8 @@ class HFGenerator:
         """Left-pad `prompts`, sample with `model`, and return each row's generated ids (may include
         padding). `progress` (a `GenerationProgress`) is told every decoding step's tokens."""
         import torch
-        from transformers import GenerationConfig, LogitsProcessorList
 
+        from sgsd.decoding import decode, forwards_are_collective, token_drawer
         from sgsd.models import adapters_in_base_precision
 
         device = next(model.parameters()).device
@@ -234,6 +242,38 @@ class HFGenerator:
         for row, ids in enumerate(prompts):
             input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
             attention_mask[row, width - len(ids) :] = 1
+        devices = [device.index or 0] if device.type == "cuda" else []
+        # adapters in the base precision, as sgsd.scoring runs them: rollouts are sampled with the
+        # same numerics their log-probs are scored with
+        with (
+            torch.random.fork_rng(devices=devices, enabled=seed is not None),
+            adapters_in_base_precision(model),
+        ):
+            if seed is not None:
+                torch.manual_seed(seed)
+            if progress is not None:
+                progress.start_batch(len(prompts))
+            if self.prune_finished and not forwards_are_collective(model):
+                output = decode(
+                    model,
+                    input_ids.to(device),
+                    attention_mask.to(device),
+                    token_drawer(params.temperature, params.top_k, params.top_p, self.candidate_sampling),
+                    params.max_new_tokens,
+                    eos_ids,
+                    pad_id,
+                    on_step=None if progress is None else progress.put,
+                )  # [R, T]
+                return output.tolist()
+            return self._transformers_generate(
+                model, input_ids, attention_mask, params, eos_ids, pad_id, progress
+            )
+
+    def _transformers_generate(self, model, input_ids, attention_mask, params, eos_ids, pad_id, progress):
+        """The batch through transformers' `generate` (finished rows kept to the end): ids `[R][T]`."""
+        from transformers import GenerationConfig, LogitsProcessorList
+
+        device = next(model.parameters()).device
         greedy = params.temperature == 0
         # with top-k or top-p, a CandidateSampler draws the token and generate() only takes its argmax
         truncated = params.top_k > 0 or params.top_p < 1.0
@@ -257,25 +297,14 @@ class HFGenerator:
             no_repeat_ngram_size=0,
             min_p=0.0 if getattr(model.generation_config, "min_p", None) is not None else None,
         )
-        devices = [device.index or 0] if device.type == "cuda" else []
-        # adapters in the base precision, as sgsd.scoring runs them: rollouts are sampled with the
-        # same numerics their log-probs are scored with
-        with (
-            torch.random.fork_rng(devices=devices, enabled=seed is not None),
-            adapters_in_base_precision(model),
-        ):
-            if seed is not None:
-                torch.manual_seed(seed)
-            if progress is not None:
-                progress.start_batch(len(prompts))
-            output = model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
-                generation_config=config,
-                logits_processor=LogitsProcessorList(processors),
-                streamer=progress,
-            )  # [R, P + T]
-        return output[:, width:].tolist()
+        output = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            generation_config=config,
+            logits_processor=LogitsProcessorList(processors),
+            streamer=progress,
+        )  # [R, P + T]
+        return output[:, input_ids.shape[1] :].tolist()
 
     def _completion(
         self, prompt: list[int], generated: list[int], eos_ids, params: SamplingParams
@@ -326,6 +355,13 @@ class CandidateSampler:
     def __call__(self, input_ids, scores):
         import torch
 
+        token = self.draw(scores)  # [R, 1]
+        return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)  # [R, V]
+
+    def draw(self, scores):
+        """One token per row `[R, 1]` drawn from logits `scores` `[R, V]`."""
+        import torch
+
         from sgsd.scoring import nucleus_candidates, sampler_distribution
 
         if self.top_k:
@@ -339,7 +375,7 @@ class CandidateSampler:
                     scores[nucleus.wide], self.temperature, 0, self.top_p
                 )  # [w, V] x2
                 token[nucleus.wide] = ids.gather(1, torch.multinomial(q, 1))
-        return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)  # [R, V]
+        return token
 
 
 class GenerationProgress:

@@ -200,7 +200,7 @@ def _generator_factory(cfg):
         model.eval()
         state["hf"] = make_generator(  # sampled as in the loop: merged LoRA copy (rollout.merged_generation)
             "hf", model=model, tokenizer=tokenizer, batch_size=cfg.eval.batch_size,
-            merged=cfg.rollout.merged_generation, progress=True,
+            merged=cfg.rollout.merged_generation, prune_finished=cfg.rollout.prune_finished, progress=True,
         )  # fmt: skip
         return state["hf"]
 
