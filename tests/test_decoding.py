@@ -171,3 +171,16 @@ def test_the_rollout_config_chooses_the_decoding(tiny_model_dir):
             resolve_config_path("tiny"), [f"model.name={tiny_model_dir}", f"rollout.prune_finished={value}"]
         )
         assert build_policy(cfg, "cpu").generator.prune_finished is value
+
+
+@pytest.mark.gpu
+def test_pruned_greedy_equals_generate_on_cuda(tiny_model_dir):
+    """On a CUDA device in fp32: the same greedy tokens as transformers' generate, rows ending early."""
+    model, tokenizer = load_policy(str(tiny_model_dir), dtype="float32", device="cuda")
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=10)
+    free = _tokens(HFGenerator(model, tokenizer, prune_finished=False).generate(PROBLEMS, greedy))
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, free[0][0][2]]
+    reference = HFGenerator(model, tokenizer, prune_finished=False).generate(PROBLEMS, greedy)
+    pruned = HFGenerator(model, tokenizer).generate(PROBLEMS, greedy)
+    assert _tokens(pruned) == _tokens(reference)
+    assert len(pruned[0][0].token_ids) <= 3 < len(pruned[1][0].token_ids)  # row 0 ended early
