@@ -101,7 +101,7 @@ class RolloutConfig:
     # about 0.67 GiB more for the embedded model; benchmarks/README.md "Generation"); false = unmerged
     merged_generation: bool = True
     # hf backend: drop each sequence from the batch and its KV cache as soon as it ends (sgsd.decoding;
-    # same distribution, 2.7x less CPU time for an evaluation batch of the learning task on a CPU;
+    # same distribution, 2.6x less CPU time for an evaluation batch of the learning task on a CPU;
     # benchmarks/README.md "Dropping finished rows"); false = transformers' generate, which runs every
     # row until the longest ends. Also used by `sgsd eval`
     prune_finished: bool = True
