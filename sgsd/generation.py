@@ -343,9 +343,10 @@ class CandidateSampler:
     generator: with top-k the k most likely (ties with the k-th kept;
     `sgsd.scoring.sampler_distribution`), then top-p among them; with top-p alone the 64 most likely
     (`sgsd.scoring.nucleus_candidates`), and only the rows whose nucleus may be wider than that are
-    drawn over the sorted vocabulary. Used as the logits processor of a greedy `generate()`: it
-    returns logits that are -inf except at the drawn token, whose argmax is the sample. Plain sampling
-    (neither top-k nor top-p) stays with transformers."""
+    drawn over the sorted vocabulary. `draw(scores)` returns the tokens (used by `sgsd.decoding`);
+    called as the logits processor of a greedy `generate()`, it returns logits that are -inf except
+    at the drawn token, whose argmax is the sample. Plain sampling (neither top-k nor top-p) is not
+    its job."""
 
     def __init__(self, temperature: float, top_k: int, top_p: float):
         if temperature <= 0 or top_k < 0 or not (top_k >= 1 or 0 < top_p < 1):
