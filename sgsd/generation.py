@@ -242,6 +242,7 @@ class HFGenerator:
         for row, ids in enumerate(prompts):
             input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
             attention_mask[row, width - len(ids) :] = 1
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         devices = [device.index or 0] if device.type == "cuda" else []
         # adapters in the base precision, as sgsd.scoring runs them: rollouts are sampled with the
         # same numerics their log-probs are scored with
@@ -256,8 +257,8 @@ class HFGenerator:
             if self.prune_finished and not forwards_are_collective(model):
                 output = decode(
                     model,
-                    input_ids.to(device),
-                    attention_mask.to(device),
+                    input_ids,
+                    attention_mask,
                     token_drawer(params.temperature, params.top_k, params.top_p, self.candidate_sampling),
                     params.max_new_tokens,
                     eos_ids,
@@ -270,10 +271,10 @@ class HFGenerator:
             )
 
     def _transformers_generate(self, model, input_ids, attention_mask, params, eos_ids, pad_id, progress):
-        """The batch through transformers' `generate` (finished rows kept to the end): ids `[R][T]`."""
+        """The batch (`input_ids`, `attention_mask` `[R, P]` on the model's device) through
+        transformers' `generate` (finished rows kept to the end): ids `[R][T]`."""
         from transformers import GenerationConfig, LogitsProcessorList
 
-        device = next(model.parameters()).device
         greedy = params.temperature == 0
         # with top-k or top-p, a CandidateSampler draws the token and generate() only takes its argmax
         truncated = params.top_k > 0 or params.top_p < 1.0
@@ -298,8 +299,8 @@ class HFGenerator:
             min_p=0.0 if getattr(model.generation_config, "min_p", None) is not None else None,
         )
         output = model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
+            input_ids=input_ids,
+            attention_mask=attention_mask,
             generation_config=config,
             logits_processor=LogitsProcessorList(processors),
             streamer=progress,
