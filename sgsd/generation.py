@@ -21,7 +21,8 @@ from __future__ import annotations
 import itertools
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
@@ -123,6 +124,25 @@ def chat_prompt_ids(tokenizer, conversation: Conversation, enable_thinking: bool
     the same ids."""
     text = render_chat(tokenizer, conversation, enable_thinking=enable_thinking)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@contextmanager
+def rows_per_batch(generator, batch_size: int) -> Iterator[None]:
+    """Inside the block, a generator that batches rows itself (hf: `HFGenerator.batch_size`) generates
+    `batch_size` rows at a time; restored afterwards. Others (vllm, a server) schedule their own batches
+    and are left as they are. The trainer's evaluation uses it so that `eval.batch_size`, not the
+    rollouts' `rollout.batch_size`, sets the batches, as in `sgsd eval`."""
+    before = getattr(generator, "batch_size", None)
+    if before is None:
+        yield
+        return
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    generator.batch_size = batch_size
+    try:
+        yield
+    finally:
+        generator.batch_size = before
 
 
 class HFGenerator:

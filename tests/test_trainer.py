@@ -442,3 +442,39 @@ def test_mixed_group_fraction_by_hand():
     pairs = [(0, 1.0), (0, -1.0), (1, -1.0), (1, -1.0), (2, 1.0), (2, 1.0)]
     assert mixed_group_fraction(pairs) == pytest.approx(1 / 3)
     assert mixed_group_fraction([]) == 0.0
+
+
+def test_in_loop_evaluation_batches_rows_by_eval_batch_size(tmp_path, tiny_model_dir, monkeypatch):
+    from sgsd.generation import HFGenerator
+
+    alternate_grades(monkeypatch)
+    rows_per_call, original = [], HFGenerator._generate_batch
+
+    def recording(self, model, prompts, *args, **kwargs):
+        rows_per_call.append(len(prompts))
+        return original(self, model, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(HFGenerator, "_generate_batch", recording)
+    _train(tmp_path, tiny_model_dir, "train.steps=1", "rollout.batch_size=1", "eval.k=2", "eval.batch_size=4")
+    # evaluation before and after the step: 2 problems x k 2 = 4 rows in one batch of eval.batch_size;
+    # the step's 2 rollouts one at a time (rollout.batch_size 1)
+    assert rows_per_call == [4, 1, 1, 4]
+
+
+def test_rows_per_batch_sets_and_restores_the_generators_batch_size():
+    from sgsd.errors import ConfigError
+    from sgsd.generation import rows_per_batch
+
+    class Batched:
+        batch_size = 16
+
+    gen = Batched()
+    with pytest.raises(RuntimeError), rows_per_batch(gen, 32):
+        assert gen.batch_size == 32
+        raise RuntimeError("restored even when the block fails")
+    assert gen.batch_size == 16
+    with pytest.raises(ConfigError, match="batch_size must be >= 1"), rows_per_batch(gen, 0):
+        pass
+    server = object()  # schedules its own batches: left alone
+    with rows_per_batch(server, 32):
+        assert not hasattr(server, "batch_size")
