@@ -11,8 +11,9 @@ benchmarks/results/learning-v2/; the run folders inside are git-ignored):
           the validation split (`sgsd eval --split validation [--with-skills]`) and the signal probe
           (`sgsd probe`); chooses the (task, bank) where skills in context help and the probe's
           estimator (--estimator) separates outcomes (`choose_skills`) -> skills/choice.json.
-  lr      Per variant: a short calibration run (CPU-seconds per step, for the linear schedule's horizon),
-          then one run per learning rate (--lrs) at --lr-budget-cpu-min, seed --lr-seed, evaluated on the
+  lr      Per method (GRPO, OPSD, SGSD; SGSD's ablations take SGSD's choice, `lr_owner`): a short
+          calibration run (CPU-seconds per step, for the linear schedule's horizon), then one run per
+          learning rate (--lrs) at --lr-budget-cpu-min, seed --lr-seed, evaluated on the
           validation split only (eval.test_in_loop=false); `choose_lr` -> lr/choice.json.
   grid    Variants x seeds at the chosen settings, --budget-cpu-min of training CPU time each, test and
           validation avg@k every --eval-every-cpu-min -> runs/VARIANT/seed-S/.
@@ -178,6 +179,13 @@ def choose_lr(scores: dict[float, float], paper_lr: float = PAPER_LR, tie: float
     best = max(valid.values())
     tied = sorted(lr for lr, s in valid.items() if s >= best - tie)
     return paper_lr if paper_lr in tied else tied[0]
+
+
+def lr_owner(variant: str) -> str:
+    """The variant whose learning-rate search `variant` uses: SGSD's ablations (another support estimator,
+    no polarity) share SGSD's, as the paper's ablations share the full method's hyperparameters; GRPO,
+    OPSD and SGSD are searched each."""
+    return "sgsd" if variant.startswith("sgsd_") else variant
 
 
 def _num(x) -> float:
@@ -563,7 +571,7 @@ def phase_lr(cli) -> int:
     base = [*cli.set, *setting_overrides(cli)]
     budget = cli.lr_budget_cpu_min * 60
     choice, scores, failed = {}, {}, []
-    for variant in cli.methods:
+    for variant in dict.fromkeys(lr_owner(v) for v in cli.methods):  # SGSD's ablations: SGSD's search
         overrides = [*base, *VARIANTS[variant][1]]
         per_step = calibrate(cli, variant, overrides)
         scores[variant] = {}
@@ -649,14 +657,17 @@ def write_lr(root: Path, scores: dict, choice: dict, cli) -> None:
 
 
 def chosen_lr(cli, variant: str) -> float:
-    if variant in cli.use_lr:
-        return cli.use_lr[variant]
+    """--use-lr for the variant, else for its `lr_owner`, else the lr phase's choice for the owner."""
+    owner = lr_owner(variant)
+    for name in (variant, owner):
+        if name in cli.use_lr:
+            return cli.use_lr[name]
     choice = need(cli.out / "lr" / "choice.json", "lr")
-    if variant not in choice:
+    if owner not in choice:
         raise SystemExit(
-            f"no learning rate chosen for {variant}: run the lr phase for it or pass --use-lr {variant}=LR"
+            f"no learning rate chosen for {owner}: run the lr phase for it or pass --use-lr {variant}=LR"
         )
-    return float(choice[variant])
+    return float(choice[owner])
 
 
 def phase_grid(cli) -> int:

@@ -182,3 +182,15 @@ def test_runs_started_by_the_script_wait_passively(tmp_path, user_value, expecte
     result = subprocess.run([sys.executable, str(parent)], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert f"policy {expected}" in (tmp_path / "child.log").read_text()
+
+
+def test_sgsd_ablations_take_sgsds_learning_rate(tmp_path):
+    assert [lv2.lr_owner(v) for v in lv2.variants()] == ["grpo", "opsd", "sgsd", "sgsd", "sgsd"]
+    (tmp_path / "lr").mkdir()
+    (tmp_path / "lr" / "choice.json").write_text(json.dumps({"grpo": 5e-6, "sgsd": 2e-5}))
+    cli = lv2.parse_args(["grid", "--out", str(tmp_path), "--use-lr", "sgsd_no_polarity=1e-4"])
+    assert lv2.chosen_lr(cli, "sgsd_null_relative") == 2e-5  # SGSD's search
+    assert lv2.chosen_lr(cli, "sgsd_no_polarity") == 1e-4  # its own flag wins
+    assert lv2.chosen_lr(cli, "grpo") == 5e-6
+    with pytest.raises(SystemExit, match="no learning rate chosen for opsd"):
+        lv2.chosen_lr(cli, "opsd")
