@@ -554,6 +554,16 @@ def horizon(cpu_budget_s: float, cpu_per_step: float, margin: float) -> int:
     return max(1, math.ceil(margin * cpu_budget_s / cpu_per_step)) if cpu_per_step > 0 else 100_000
 
 
+def budgeted_run(lr: float, seed: int, cpu_budget_s: float, steps: int) -> list[str]:
+    """The overrides of a CPU-budgeted run: learning rate, seed, budget and the schedule's horizon."""
+    return [
+        f"train.lr={yaml_float(lr)}",
+        f"train.seed={seed}",
+        f"train.cpu_budget_s={yaml_float(cpu_budget_s)}",
+        f"train.steps={steps}",
+    ]
+
+
 def yaml_float(x: float) -> str:
     """A float as an override value YAML reads back as a float (YAML reads 5e-06 as text)."""
     return f"{x:.6e}"
@@ -578,10 +588,7 @@ def phase_lr(cli) -> int:
         for lr in cli.lrs:
             run = root / "runs" / variant / lr_tag(lr)
             extra = [
-                f"train.lr={yaml_float(lr)}",
-                f"train.seed={cli.lr_seed}",
-                f"train.cpu_budget_s={yaml_float(budget)}",
-                f"train.steps={horizon(budget, per_step, cli.steps_margin)}",
+                *budgeted_run(lr, cli.lr_seed, budget, horizon(budget, per_step, cli.steps_margin)),
                 "eval.test_in_loop=false",
                 "train.eval_at_start=false",
                 "train.write_report=false",
@@ -683,11 +690,10 @@ def phase_grid(cli) -> int:
             run = r1.run_dir_of(cli.out, variant, seed)
             shared = r1.shared_base_eval(cli.out, seed, exclude=variant, variants=tuple(VARIANTS))
             extra = [
-                f"train.lr={yaml_float(chosen_lr(cli, variant))}",
-                f"train.seed={seed}",
-                f"train.cpu_budget_s={yaml_float(budget)}",
+                *budgeted_run(
+                    chosen_lr(cli, variant), seed, budget, horizon(budget, per_step, cli.steps_margin)
+                ),
                 f"train.eval_every_cpu_s={yaml_float(every)}",
-                f"train.steps={horizon(budget, per_step, cli.steps_margin)}",
                 *(["train.eval_at_start=false"] if shared else []),
             ]
             status = r1.train_once(
