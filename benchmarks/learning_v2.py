@@ -1001,7 +1001,7 @@ def parse_args(argv=None):
         "--eval-every-cpu-min",
         type=float,
         default=15.0,
-        help="test + validation evaluation interval (each costs ~22 wall-minutes on 2 cores: 800 samples)",
+        help="test + validation evaluation interval (each costs ~14 wall-minutes on 2 cores: 800 samples)",
     )
     g.add_argument("--keep-checkpoints", action="store_true")
     g = p.add_argument_group("choices (instead of an earlier phase's)")
