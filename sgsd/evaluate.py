@@ -334,12 +334,15 @@ def evaluate_sources(
     writes `out_dir/SOURCE.jsonl` per source and `out_dir/summary.json`
     ({"step", "checkpoint", "results": {slug: metrics}}), and returns the summary. `params` are the
     SamplingParams (`params.n` = k samples per problem; e.g. `sgsd.generation.sampling_params(cfg.eval,
-    n=cfg.eval.k)`). About `batch_size` sequences (problems x k) are generated at once; a progress bar
-    counts problems. Without `grade_fn`, samples are graded by `sgsd.verifier.grade_many` with the
-    verifier_* settings (`verifier_extraction`: "boxed" or "free", the config's `verifier.extraction`)."""
+    n=cfg.eval.k)`). About `batch_size` sequences (problems x k) are generated at once, also by a
+    generator built with another batch size (the trainer's rollout generator, `rollout.batch_size`;
+    `sgsd.generation.rows_per_batch`); a progress bar counts problems. Without `grade_fn`, samples are
+    graded by `sgsd.verifier.grade_many` with the verifier_* settings (`verifier_extraction`: "boxed" or "free", the config's `verifier.extraction`)."""
     from functools import partial
 
     from tqdm.auto import tqdm
+
+    from sgsd.generation import rows_per_batch
 
     if grade_fn is None:
         from sgsd.verifier import grade_many
@@ -352,7 +355,10 @@ def evaluate_sources(
     out_dir = Path(out_dir)
     results = {}
     for name, problems in eval_sets.items():
-        with tqdm(total=len(problems), desc=f"eval {source_slug(name)}", disable=not show_progress) as bar:
+        with (
+            tqdm(total=len(problems), desc=f"eval {source_slug(name)}", disable=not show_progress) as bar,
+            rows_per_batch(generator, batch_size),
+        ):
 
             def progress(done: int, total: int, bar=bar) -> None:
                 bar.update(done - bar.n)

@@ -130,8 +130,8 @@ def chat_prompt_ids(tokenizer, conversation: Conversation, enable_thinking: bool
 def rows_per_batch(generator, batch_size: int) -> Iterator[None]:
     """Inside the block, a generator that batches rows itself (hf: `HFGenerator.batch_size`) generates
     `batch_size` rows at a time; restored afterwards. Others (vllm, a server) schedule their own batches
-    and are left as they are. The trainer's evaluation uses it so that `eval.batch_size`, not the
-    rollouts' `rollout.batch_size`, sets the batches, as in `sgsd eval`."""
+    and are left as they are. `sgsd.evaluate.evaluate_sources` uses it, so that the trainer's evaluation
+    batches by `eval.batch_size`, not the rollouts' `rollout.batch_size`, as `sgsd eval` does."""
     before = getattr(generator, "batch_size", None)
     if before is None:
         yield

@@ -523,16 +523,13 @@ class Trainer:
             self.acc.wait_for_everyone()
             return {}
         from sgsd.evaluate import evaluate_during_training
-        from sgsd.generation import rows_per_batch
 
         test_sets = self.eval_sets if self.cfg.eval.test_in_loop else {}
-        generator = self._policy_generator()
-        with rows_per_batch(generator, self.cfg.eval.batch_size):  # as `sgsd eval`, not the rollouts' size
-            summary = evaluate_during_training(
-                self.cfg, generator, test_sets, self.run_dir / "eval" / f"step-{step:06d}", step,
-                retriever=self.retriever if self.cfg.eval.with_skills else None, train_time_s=self.train_time_s,
-                validation_sets=self.val_sets, extra={k: round(v, 3) for k, v in self.counters.items()},
-            )  # fmt: skip
+        summary = evaluate_during_training(
+            self.cfg, self._policy_generator(), test_sets, self.run_dir / "eval" / f"step-{step:06d}", step,
+            retriever=self.retriever if self.cfg.eval.with_skills else None, train_time_s=self.train_time_s,
+            validation_sets=self.val_sets, extra={k: round(v, 3) for k, v in self.counters.items()},
+        )  # fmt: skip
         self.model.train()
         if self.trackers is not None:
             self.trackers.log_eval(summary, step)
