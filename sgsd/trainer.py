@@ -505,11 +505,22 @@ class Trainer:
         if state.get("ledger") is not None and self.ledger is not None:
             self.ledger = state["ledger"]
         rows = ckpt.truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
-        self.train_time_s = self.last_eval_time_s = float(rows[-1].get("train_time_s", 0.0)) if rows else 0.0
+        self.train_time_s = float(rows[-1].get("train_time_s", 0.0)) if rows else 0.0
         self.counters.update({k: float(rows[-1][k]) for k in COUNTERS if rows and k in rows[-1]})
-        self.last_eval_cpu_s = self.counters["train_cpu_s"]
+        self._restore_eval_schedule()
         if self.is_main:
             print(f"resumed from step {self.step}")
+
+    def _restore_eval_schedule(self) -> None:
+        """On resume, time the next evaluation from the last one at or before the checkpoint's step (as the
+        uninterrupted run would), not from the resume point; no evaluation yet: from the start."""
+        from sgsd.evaluate import read_summaries
+
+        done = {s: v for s, v in read_summaries(self.run_dir / "eval").items() if s <= self.step}
+        last = done[max(done)] if done else {}
+        self.last_eval_step = max(done) if done else -1
+        self.last_eval_time_s = float(last.get("train_time_s", 0.0))
+        self.last_eval_cpu_s = float(last.get("train_cpu_s", 0.0))
 
     def _wants_eval(self) -> bool:
         return bool(self.eval_sets) and self.cfg.eval.k > 0

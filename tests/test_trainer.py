@@ -427,6 +427,29 @@ def test_compute_counters_survive_a_resume(tmp_path, tiny_model_dir, monkeypatch
     )
 
 
+def test_resume_times_the_next_evaluation_from_the_last_one(tmp_path):
+    """A run evaluated at step 10 (930 CPU-s), checkpointed at 12, stopped during step 15's evaluation:
+    resumed, the next evaluation is due 900 CPU-s after step 10's, as without the stop (it used to be
+    timed from the resume point, which shifted every later evaluation)."""
+    from types import SimpleNamespace
+
+    from sgsd.fileio import atomic_write_json
+    from sgsd.trainer import Trainer
+
+    eval_dir = tmp_path / "eval"
+    for step, cpu, wall in ((0, 0.0, 0.0), (10, 930.0, 500.0), (15, 1400.0, 800.0)):
+        atomic_write_json(
+            eval_dir / f"step-{step:06d}" / "summary.json", {"train_cpu_s": cpu, "train_time_s": wall}
+        )
+    (eval_dir / "step-000012" / "validation").mkdir(parents=True)  # an evaluation stopped before its summary
+    trainer = SimpleNamespace(run_dir=tmp_path, step=12)
+    Trainer._restore_eval_schedule(trainer)
+    assert (trainer.last_eval_step, trainer.last_eval_cpu_s, trainer.last_eval_time_s) == (10, 930.0, 500.0)
+    fresh = SimpleNamespace(run_dir=tmp_path / "no-evaluation-yet", step=5)
+    Trainer._restore_eval_schedule(fresh)
+    assert (fresh.last_eval_step, fresh.last_eval_cpu_s, fresh.last_eval_time_s) == (-1, 0.0, 0.0)
+
+
 def test_grpo_logs_the_fraction_of_mixed_groups(tmp_path, tiny_model_dir, monkeypatch):
     alternate_grades(monkeypatch)  # rewards alternate within every group of 2: all groups mixed
     run = _train(tmp_path, tiny_model_dir, "train.method=grpo", "rollout.num_generations=2")
