@@ -195,6 +195,8 @@ class Trainer:
         last: dict = {}
         if self.step == 0 and self._wants_eval() and t.eval_at_start:
             self.evaluate(step=0)
+        elif 0 < self.step < t.steps and self._eval_due(self.step - 1) and self.last_eval_step != self.step:
+            self.evaluate(step=self.step)  # resumed from a checkpoint whose due evaluation the stop cut off
         bar = tqdm(
             total=t.steps, initial=self.step, desc=self.spec.name, disable=not (t.progress and self.is_main)
         )
@@ -213,15 +215,7 @@ class Trainer:
             bar.set_postfix(self._postfix(last))
             if _reached(before, self.step, t.save_every) or self.step == t.steps:
                 self.save_checkpoint()
-            cpu_s = self.counters["train_cpu_s"]
-            due_by_time = t.eval_every_s and self.train_time_s >= self.last_eval_time_s + t.eval_every_s
-            due_by_time = due_by_time or (
-                t.eval_every_cpu_s and cpu_s >= self.last_eval_cpu_s + t.eval_every_cpu_s
-            )
-            if (
-                self._all_ranks_any(_reached(before, self.step, t.eval_every) or bool(due_by_time))
-                and self.step != t.steps
-            ):
+            if self._eval_due(before) and self.step != t.steps:
                 self.evaluate(step=self.step)
         bar.close()
         if self._wants_eval() and self.last_eval_step != self.step:  # not twice at a budget's end
@@ -521,6 +515,18 @@ class Trainer:
         self.last_eval_step = max(done) if done else -1
         self.last_eval_time_s = float(last.get("train_time_s", 0.0))
         self.last_eval_cpu_s = float(last.get("train_cpu_s", 0.0))
+
+    def _eval_due(self, before: int) -> bool:
+        """Whether the steps before+1..self.step reach an evaluation: a multiple of `train.eval_every`, or
+        `eval_every_s` training seconds / `eval_every_cpu_s` training CPU-seconds since the last one (any rank)."""
+        t = self.cfg.train
+        due_by_time = t.eval_every_s and self.train_time_s >= self.last_eval_time_s + t.eval_every_s
+        due_by_cpu = (
+            t.eval_every_cpu_s and self.counters["train_cpu_s"] >= self.last_eval_cpu_s + t.eval_every_cpu_s
+        )
+        return self._all_ranks_any(
+            _reached(before, self.step, t.eval_every) or bool(due_by_time or due_by_cpu)
+        )
 
     def _wants_eval(self) -> bool:
         return bool(self.eval_sets) and self.cfg.eval.k > 0

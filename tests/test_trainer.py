@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -448,6 +449,35 @@ def test_resume_times_the_next_evaluation_from_the_last_one(tmp_path):
     fresh = SimpleNamespace(run_dir=tmp_path / "no-evaluation-yet", step=5)
     Trainer._restore_eval_schedule(fresh)
     assert (fresh.last_eval_step, fresh.last_eval_cpu_s, fresh.last_eval_time_s) == (-1, 0.0, 0.0)
+
+
+def test_resume_makes_up_the_evaluation_a_stop_cut_off(tmp_path, tiny_model_dir, monkeypatch):
+    """Stopped after step 2's checkpoint but before its evaluation (train.eval_every=2): the resumed run
+    evaluates step 2 first, then 4, as the uninterrupted run does; where step 2's evaluation had finished
+    it is not repeated."""
+    alternate_grades(monkeypatch)
+    every = ["train.eval_every=2", "train.save_every=2", "train.eval_at_start=false"]
+    run = _train(tmp_path, tiny_model_dir, "train.steps=2", *every)
+    shutil.rmtree(run / "eval" / "step-000002")  # the stop came between the checkpoint and the evaluation
+    resume = [
+        "train",
+        "-c",
+        "tiny",
+        "-o",
+        str(run),
+        "--resume",
+        f"model.name={tiny_model_dir}",
+        "train.steps=4",
+    ]
+    assert main([*resume, *every]) == 0
+    summaries = sorted(p.parent.name for p in (run / "eval").glob("step-*/summary.json"))
+    assert summaries == ["step-000002", "step-000004"]
+    written = (run / "eval" / "step-000004" / "summary.json").stat().st_mtime_ns
+    assert (
+        main([*resume[:-1], "train.steps=6", *every]) == 0
+    )  # step 4 evaluated: resumes straight into step 5
+    assert (run / "eval" / "step-000004" / "summary.json").stat().st_mtime_ns == written
+    assert sorted(p.parent.name for p in (run / "eval").glob("step-*/summary.json"))[-1] == "step-000006"
 
 
 def test_grpo_logs_the_fraction_of_mixed_groups(tmp_path, tiny_model_dir, monkeypatch):
