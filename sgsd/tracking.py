@@ -23,6 +23,12 @@ such as `decisions` and `delta_hist` left out) under `train/`, and per evaluated
 pass@k, maj@k, boxed rate and mean tokens under `eval/SOURCE/` plus their mean over sources. Names
 are kept to the characters every tracker accepts (MLflow refuses `@`): `avg@k` becomes `avg_at_k`.
 Runs are named after the run folder. On other ranks than the main process every call does nothing.
+
+A resumed training run (`sgsd train --resume`) continues the same tracker runs: RUN/trackers.json keeps
+each tracker's run id (W&B's run id, MLflow's run_id; TensorBoard and trackio find theirs by folder and
+name) and the last step logged, so the steps between the checkpoint and the stop, which the resumed run
+repeats exactly, are not logged twice. MLflow parameters cannot change: a resume with other settings
+keeps their first values there (a warning names them; config.yaml has the current ones).
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ _PACKAGES = {
     "trackio": ("trackio", "trackio"),
 }
 EVAL_METRICS = ("avg@k", "pass@k", "maj@k", "boxed_rate", "mean_tokens")
+STATE_FILE = "trackers.json"  # RUN/trackers.json: the tracker run ids and the last steps logged
 _UNSAFE = re.compile(r"[^A-Za-z0-9_./ -]")
 
 
@@ -120,15 +127,19 @@ class RunTrackers:
     """The trackers of one run (see the module docstring). Built on every rank; only the main
     process starts trackers and logs."""
 
-    def __init__(self, cfg, run_dir: str | Path, is_main: bool = True):
+    def __init__(self, cfg, run_dir: str | Path, is_main: bool = True, resume: bool = False):
         from sgsd.config import config_to_dict
 
         self.run_dir = Path(run_dir)
         self.names = list(cfg.train.report_to) if is_main else []
         self.trackers: dict[str, Any] = {}
+        self.resume = resume
         check_installed(self.names)
+        state = self._read_state() if resume and self.names else {}
+        self.ids: dict[str, str] = dict(state.get("ids", {}))  # tracker -> its run id (wandb, mlflow)
+        self.logged: dict[str, int] = {"train": -1, "eval": -1, **state.get("logged", {})}  # last step logged
         for name in self.names:
-            tracker = self._build(name)
+            tracker = self._build(name, self.ids.get(name))
             try:
                 tracker.start()
             except Exception as exc:  # a login, network or permission problem of that tracker
@@ -137,9 +148,16 @@ class RunTrackers:
                 hint = " (offline: set WANDB_MODE=offline; or run `wandb login`)" if name == "wandb" else ""
                 raise UserError(f"cannot start the {name} tracker: {first}{hint}") from exc
             self.trackers[name] = tracker
+            if name == "wandb":
+                self.ids[name] = tracker.run.id
+            elif name == "mlflow":
+                self.ids[name] = tracker.active_run.info.run_id
+        self._write_state()
         self.log_config(config_to_dict(cfg))
 
-    def _build(self, name: str):
+    def _build(self, name: str, run_id: str | None = None):
+        """The tracker `name`, continuing the tracker run `run_id` (wandb, mlflow) or, on resume, the run of
+        this name (trackio; TensorBoard appends to RUN/tensorboard either way)."""
         from accelerate import tracking
 
         run_name = self.run_dir.resolve().name
@@ -149,10 +167,31 @@ class RunTrackers:
         if name == "wandb":
             self.run_dir.mkdir(parents=True, exist_ok=True)
             project = os.environ.get("WANDB_PROJECT", PROJECT)
-            return tracking.WandBTracker(project, name=run_name, dir=str(self.run_dir))
+            again = {"id": run_id, "resume": "allow"} if run_id else {}
+            return tracking.WandBTracker(project, name=run_name, dir=str(self.run_dir), **again)
         if name == "mlflow":
-            return tracking.MLflowTracker(experiment_name=PROJECT, run_name=run_name)
-        return tracking.TrackioTracker(PROJECT, name=run_name)
+            return tracking.MLflowTracker(experiment_name=PROJECT, run_name=run_name, run_id=run_id)
+        return tracking.TrackioTracker(PROJECT, name=run_name, resume="allow" if self.resume else "never")
+
+    def _read_state(self) -> dict:
+        path = self.run_dir / STATE_FILE
+        if not path.is_file():
+            return {}
+        try:
+            state = json.loads(path.read_text("utf-8"))
+        except json.JSONDecodeError as exc:
+            raise UserError(
+                f"{path}: not valid JSON ({exc.msg}); delete it to start new tracker runs"
+            ) from exc
+        if not isinstance(state, dict):
+            raise UserError(f"{path}: expected a JSON object; delete it to start new tracker runs")
+        return state
+
+    def _write_state(self) -> None:
+        if self.names:
+            from sgsd.fileio import atomic_write_json
+
+            atomic_write_json(self.run_dir / STATE_FILE, {"ids": self.ids, "logged": self.logged})
 
     def log_config(self, values: dict) -> None:
         """Store `values` (a nested config dict) as the run's config / hyperparameters."""
@@ -160,6 +199,15 @@ class RunTrackers:
             return
         flat = flat_config(values)
         for name, tracker in self.trackers.items():
+            if name == "mlflow" and self.resume:  # parameters are immutable: log the new ones only
+                kept = tracker.active_run.data.params
+                changed = sorted(k for k, v in flat.items() if k in kept and kept[k] != str(v))
+                if changed:
+                    print(
+                        f"warning: mlflow keeps the first values of {', '.join(changed)} (resumed with others)"
+                    )
+                tracker.store_init_configuration({k: v for k, v in flat.items() if k not in kept})
+                continue
             if name == "tensorboard":  # hparams take numbers, text and booleans only
                 tracker.store_init_configuration({k: "null" if v is None else v for k, v in flat.items()})
             else:
@@ -170,16 +218,19 @@ class RunTrackers:
 
     def log(self, metrics: dict, step: int) -> None:
         """Log one metrics.jsonl row (its scalars, as `train/KEY`) at `step`."""
-        self._log(scalars(metrics, "train/"), step)
+        self._log("train", scalars(metrics, "train/"), step)
 
     def log_eval(self, summary: dict, step: int) -> None:
         """Log an evaluation summary (`evaluate_sources`' return value) at `step`."""
-        self._log(eval_scalars(summary), step)
+        self._log("eval", eval_scalars(summary), step)
 
-    def _log(self, values: dict[str, float], step: int) -> None:
-        if values:
-            for tracker in self.trackers.values():
-                tracker.log(values, step=step)
+    def _log(self, kind: str, values: dict[str, float], step: int) -> None:
+        if not values or not self.trackers or step <= self.logged[kind]:  # logged before the resume
+            return
+        for tracker in self.trackers.values():
+            tracker.log(values, step=step)
+        self.logged[kind] = step
+        self._write_state()
 
     def log_images(self, paths, step: int | None = None) -> None:
         """Log PNG files (the report's plots) as `plots/NAME` to every tracker (MLflow: as artifacts

@@ -181,7 +181,8 @@ class Trainer:
     def train(self) -> dict:
         """Run from the current step to `train.steps`; returns the last metrics row. The run's trackers
         (`train.report_to`) are open meanwhile and closed however the loop ends."""
-        self.trackers = RunTrackers(self.cfg, self.run_dir, self.is_main)  # logs the resolved config
+        # logs the resolved config; a resumed run continues its tracker runs
+        self.trackers = RunTrackers(self.cfg, self.run_dir, self.is_main, resume=self.step > 0)
         try:
             return self._train_loop()
         finally:

@@ -119,7 +119,7 @@ def test_a_tracker_that_cannot_start_is_a_one_line_error_and_the_others_are_clos
         def finish(self):
             closed.append(self.name)
 
-    monkeypatch.setattr(RunTrackers, "_build", lambda self, name: Tracker(name))
+    monkeypatch.setattr(RunTrackers, "_build", lambda self, name, run_id=None: Tracker(name))
     monkeypatch.setattr("sgsd.tracking.check_installed", lambda names: None)
     cfg = load_config(None, ["train.report_to=[tensorboard, wandb]"])
     with pytest.raises(UserError) as err:
@@ -129,6 +129,21 @@ def test_a_tracker_that_cannot_start_is_a_one_line_error_and_the_others_are_clos
         " (offline: set WANDB_MODE=offline; or run `wandb login`)"
     )
     assert closed == ["tensorboard"]
+
+
+def test_a_malformed_tracker_state_file_is_named(tmp_path):
+    cfg = load_config(None, ["train.report_to=[tensorboard]"])
+    (tmp_path / "trackers.json").write_text("{not json")
+    with pytest.raises(
+        UserError, match=r"trackers.json: not valid JSON .*delete it to start new tracker runs"
+    ):
+        RunTrackers(cfg, tmp_path, resume=True)
+    with RunTrackers(cfg, tmp_path) as trackers:  # a new run does not read it, and replaces it
+        trackers.log({"loss": 1.0}, step=1)
+    assert json.loads((tmp_path / "trackers.json").read_text()) == {
+        "ids": {},
+        "logged": {"train": 1, "eval": -1},
+    }
 
 
 def test_other_ranks_start_nothing(tmp_path):
@@ -163,8 +178,13 @@ def logged(tmp_path_factory):
     ):
         env.pop(var, None)
     cmd = [sys.executable, str(ROOT / "tests" / "tracking_driver.py"), str(run), ",".join(INSTALLED)]
-    done = subprocess.run(cmd, env=env, cwd=base, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    # stopped after logging step 3, resumed from the step-2 checkpoint with another save_every: one tracker
+    # run, no step logged twice
+    for part in (["--through", "3"], ["--resume-from", "2", "--set", "train.save_every=3"]):
+        done = subprocess.run([*cmd, *part], env=env, cwd=base, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    if "mlflow" in INSTALLED:  # MLflow parameters are immutable: the first value stays, with a warning
+        assert "warning: mlflow keeps the first values of train.save_every" in done.stdout
     return run, base
 
 
@@ -180,7 +200,12 @@ def _expected(run: Path) -> dict[tuple[str, int], float]:
     return want
 
 
-def _check(got: dict[tuple[str, int], float], run: Path, exact: bool = True) -> None:
+def _check(pairs: list[tuple[tuple[str, int], float]], run: Path, exact: bool = True) -> None:
+    """The ((name, step), value) pairs a tracker holds are the run's metrics, each logged once (the run
+    was stopped after step 3 and resumed from step 2, which logs step 3 again: the tracker skips it)."""
+    keys = [key for key, _ in pairs]
+    assert len(keys) == len(set(keys)), sorted(k for k in set(keys) if keys.count(k) > 1)[:5]
+    got = dict(pairs)
     want = _expected(run)
     assert ("train/loss", 4) in want and ("train/bank_updated", 2) in want  # the comparison covers both
     missing = sorted(set(want) - set(got))
@@ -196,7 +221,7 @@ def test_tensorboard_holds_the_metrics_config_and_plots(logged):
     run, _ = logged
     acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
     acc.Reload()
-    got = {(tag, e.step): e.value for tag in acc.Tags()["scalars"] for e in acc.Scalars(tag)}
+    got = [((tag, e.step), e.value) for tag in acc.Tags()["scalars"] for e in acc.Scalars(tag)]
     _check(got, run, exact=False)  # TensorBoard stores float32
     assert PLOT_NAMES <= set(acc.Tags()["images"])
     hparams = list((run / "tensorboard").glob("*/hparams.yml"))
@@ -232,12 +257,15 @@ def _wandb_records(path: Path):
 def test_wandb_offline_run_holds_the_metrics_config_and_plots(logged):
     pytest.importorskip("wandb")
     run, _ = logged
-    files = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
-    assert len(files) == 1
-    got, config, images = {}, {}, set()
-    for record in _wandb_records(files[0]):
+    # offline, the resume writes a second folder under the same run id (`wandb sync` joins them)
+    files = sorted((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 2 and len({f.name for f in files}) == 1
+    got, config, images, run_ids = [], {}, set(), set()
+    for record in (r for f in files for r in _wandb_records(f)):
         kind = record.WhichOneof("record_type")
-        if kind == "history":
+        if kind == "run":
+            run_ids.add(record.run.run_id)
+        elif kind == "history":
             items = {item.key or "/".join(item.nested_key): item.value_json for item in record.history.item}
             step = json.loads(items["_step"])
             for key, value in items.items():
@@ -245,10 +273,11 @@ def test_wandb_offline_run_holds_the_metrics_config_and_plots(logged):
                 if key.startswith("plots/"):  # an image is a nested value: plots/NAME/{_type, path, ...}
                     images.add("/".join(key.split("/")[:2]))
                 elif not key.startswith("_"):
-                    got[key, step] = parsed
+                    got.append(((key, step), parsed))
         elif kind == "config":
             config.update({item.key: json.loads(item.value_json) for item in record.config.update})
     _check(got, run)
+    assert run_ids == {files[0].stem.removeprefix("run-")}
     assert images == PLOT_NAMES
     assert config["train.steps"] == 4 and config["train.method"] == "sgsd"
 
@@ -261,11 +290,11 @@ def test_mlflow_store_holds_the_metrics_config_and_plots(logged):
     client = MlflowClient(tracking_uri=f"sqlite:///{base / 'mlflow.db'}")
     (found,) = client.search_runs([client.get_experiment_by_name("sgsd").experiment_id])
     assert found.info.run_name == "run"
-    got = {}
+    got = []
     for key in found.data.metrics:
-        got.update({(key, m.step): m.value for m in client.get_metric_history(found.info.run_id, key)})
+        got += [((key, m.step), m.value) for m in client.get_metric_history(found.info.run_id, key)]
     _check(got, run)
-    assert found.data.params["train.steps"] == "4"
+    assert found.data.params["train.steps"] == "4" and found.data.params["train.save_every"] == "25"
     plots = {Path(a.path).stem for a in client.list_artifacts(found.info.run_id, "plots")}
     assert {f"plots/{p}" for p in plots} == PLOT_NAMES
 
@@ -274,13 +303,13 @@ def test_trackio_project_holds_the_metrics_config_and_plots(logged):
     pytest.importorskip("trackio")
     run, base = logged
     db = sqlite3.connect(base / "trackio" / "sgsd.db")
-    got, images = {}, set()
+    got, images = [], set()
     for step, text in db.execute("SELECT step, metrics FROM metrics WHERE run_name = 'run'"):
         for key, value in json.loads(text).items():
             if key.startswith("plots/"):
                 images.add(key)
             else:
-                got[key, step] = value
+                got.append(((key, step), value))
     _check(got, run)
     assert images == PLOT_NAMES
     (config,) = [json.loads(c) for (c,) in db.execute("SELECT config FROM configs WHERE run_name = 'run'")]

@@ -455,7 +455,11 @@ def test_resume_makes_up_the_evaluation_a_stop_cut_off(tmp_path, tiny_model_dir,
     """Stopped after step 2's checkpoint but before its evaluation (train.eval_every=2): the resumed run
     evaluates step 2 first, then 4, as the uninterrupted run does; where step 2's evaluation had finished
     it is not repeated."""
+    import sgsd.trainer
+
     alternate_grades(monkeypatch)
+    opened, trackers = [], sgsd.trainer.RunTrackers  # the trackers continue their runs on resume
+    monkeypatch.setattr(sgsd.trainer, "RunTrackers", lambda *a, **kw: opened.append(kw) or trackers(*a, **kw))
     every = ["train.eval_every=2", "train.save_every=2", "train.eval_at_start=false"]
     run = _train(tmp_path, tiny_model_dir, "train.steps=2", *every)
     shutil.rmtree(run / "eval" / "step-000002")  # the stop came between the checkpoint and the evaluation
@@ -478,6 +482,7 @@ def test_resume_makes_up_the_evaluation_a_stop_cut_off(tmp_path, tiny_model_dir,
     )  # step 4 evaluated: resumes straight into step 5
     assert (run / "eval" / "step-000004" / "summary.json").stat().st_mtime_ns == written
     assert sorted(p.parent.name for p in (run / "eval").glob("step-*/summary.json"))[-1] == "step-000006"
+    assert [kw["resume"] for kw in opened] == [False, True, True]
 
 
 def test_grpo_logs_the_fraction_of_mixed_groups(tmp_path, tiny_model_dir, monkeypatch):
