@@ -512,8 +512,8 @@ class Trainer:
         from sgsd.evaluate import read_summaries
 
         done = {s: v for s, v in read_summaries(self.run_dir / "eval").items() if s <= self.step}
-        last = done[max(done)] if done else {}
-        self.last_eval_step = max(done) if done else -1
+        self.last_eval_step = max(done, default=-1)
+        last = done.get(self.last_eval_step, {})
         self.last_eval_time_s = float(last.get("train_time_s", 0.0))
         self.last_eval_cpu_s = float(last.get("train_cpu_s", 0.0))
 
