@@ -368,12 +368,12 @@ def run_scores(evals: dict[int, dict]) -> dict[str, float]:
 # Reading runs and writing the report
 
 
-def load_groups(out: Path, variants: dict[str, tuple] = VARIANTS) -> dict[str, list]:
-    """variant -> [sgsd.report.RunData] for every run folder under OUT/runs (in `variants` order, labelled
-    by it)."""
+def load_groups(out: Path, variants: dict[str, tuple] = VARIANTS, folder: str = "runs") -> dict[str, list]:
+    """variant -> [sgsd.report.RunData] for every run folder under OUT/FOLDER/VARIANT/seed-S (in `variants`
+    order, labelled by it)."""
     from sgsd.report import load_run
 
-    root = out / "runs"
+    root = out / folder
     groups: dict[str, list] = {}
     if not root.is_dir():
         return groups

@@ -16,9 +16,12 @@ benchmarks/results/learning-v2/; the run folders inside are git-ignored):
           learning rate (--lrs) at --lr-budget-cpu-min, seed --lr-seed, evaluated on the
           validation split only (eval.test_in_loop=false); `choose_lr` -> lr/choice.json.
   grid    Variants x seeds at the chosen settings, --budget-cpu-min of training CPU time each, test and
-          validation avg@k every --eval-every-cpu-min -> runs/VARIANT/seed-S/.
-  report  table.md / table.json, learning.png (test avg@k against training CPU-minutes), diagnostics.md /
-          diagnostics.png / evidence.png, and the minimum detectable difference.
+          validation avg@k every --eval-every-cpu-min -> runs/VARIANT/seed-S/ (git-ignored, checkpoints
+          included); a finished run's record (config, metrics, evaluation summaries) -> grid/VARIANT/seed-S/,
+          committed, so the grid can span sessions on fresh machines. --stop-by HH:MM starts no run that
+          would not finish by then.
+  report  From the records: table.md / table.json, learning.png (test avg@k against training CPU-minutes),
+          diagnostics.md / diagnostics.png / evidence.png, and the minimum detectable difference.
 
 Budgets are process CPU-seconds of training (`train.cpu_budget_s`: every thread of the training process,
 evaluation excluded), so other load on the machine does not change how far a run gets. The schedule is
@@ -512,12 +515,17 @@ def write_skills(root: Path, rows: list[dict], choice: dict | None, estimator: s
 
 def calibrate(cli, variant: str, overrides: list[str]) -> float:
     """CPU-seconds per optimizer step of `variant`: the median over steps 2.. of a --calibration-steps run
-    without evaluation (the first step pays for warm-up). Cached in lr/calibration/VARIANT/cpu_per_step.json."""
+    without evaluation (the first step pays for warm-up). Kept in lr/measured/VARIANT.calibration.cpu_per_step.json
+    (committed: a later session's checkout has no run folders, and the same calibration gives the same
+    schedule horizon); the run itself goes to the git-ignored lr/calibration/VARIANT/."""
     from sgsd.fileio import atomic_write_json, read_jsonl
 
     folder = cli.out / "lr" / "calibration" / variant
-    cached = read_json(folder / "cpu_per_step.json")
+    kept = cli.out / "lr" / "measured" / f"{variant}.calibration.cpu_per_step.json"
+    cached = read_json(kept) or read_json(folder / "cpu_per_step.json")
     if cached:
+        if not kept.is_file() and not cli.dry_run:
+            atomic_write_json(kept, cached)
         return cached["cpu_s_per_step"]
     run = folder / "run"
     cmd = [
@@ -543,9 +551,9 @@ def calibrate(cli, variant: str, overrides: list[str]) -> float:
         raise SystemExit(f"calibration of {variant} failed")
     cpu = [row["train_cpu_s"] for row in read_jsonl(run / "metrics.jsonl")]
     per_step = statistics.median(b - a for a, b in zip(cpu, cpu[1:])) if len(cpu) > 1 else cpu[0]
-    atomic_write_json(
-        folder / "cpu_per_step.json", {"cpu_s_per_step": per_step, "steps": len(cpu), "train_cpu_s": cpu}
-    )
+    measured = {"cpu_s_per_step": per_step, "steps": len(cpu), "train_cpu_s": cpu}
+    atomic_write_json(folder / "cpu_per_step.json", measured)
+    atomic_write_json(kept, measured)
     return per_step
 
 
@@ -677,6 +685,65 @@ def chosen_lr(cli, variant: str) -> float:
     return float(choice[owner])
 
 
+def record_dir(out: Path, variant: str, seed: int) -> Path:
+    """The committed record of a finished grid run (its run folder under runs/ is git-ignored and, with its
+    checkpoints, does not outlive the machine it ran on)."""
+    return out / "grid" / variant / f"seed-{seed}"
+
+
+def keep_record(run: Path, record: Path) -> None:
+    """Copy a finished run's small files into `record`: config.yaml, metrics.jsonl, done.json and every
+    evaluation's summary.json (eval/step-N/summary.json), a few tens of KB. Written to a temporary sibling
+    and renamed, so a record is whole or absent."""
+    import shutil
+
+    tmp = record.with_name(f".{record.name}.tmp")  # not a seed-* name: readers skip it
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in ("config.yaml", "metrics.jsonl", "done.json"):
+        shutil.copy2(run / name, tmp / name)
+    for summary in sorted((run / "eval").glob("step-*/summary.json")):
+        (tmp / "eval" / summary.parent.name).mkdir(parents=True)
+        shutil.copy2(summary, tmp / "eval" / summary.parent.name / "summary.json")
+    shutil.rmtree(record, ignore_errors=True)
+    tmp.rename(record)
+
+
+def has_base_eval(out: Path, seed: int, variant: str) -> bool:
+    """Whether another variant of this seed already has its step-0 evaluation, in a run folder or a record."""
+    others = [v for v in VARIANTS if v != variant]
+    return r1.shared_base_eval(out, seed, exclude=variant, variants=tuple(VARIANTS)) is not None or any(
+        r1.base_eval_path(record_dir(out, v, seed)).is_file() for v in others
+    )
+
+
+def expected_wall_min(out: Path, variant: str, default: float) -> float:
+    """A run's expected wall-minutes: the longest finished record of the variant (evaluations included),
+    else `default`."""
+    walls = [
+        d["wall_s_last_invocation"] / 60
+        for path in (out / "grid" / variant).glob("seed-*/done.json")
+        if (d := read_json(path)) and d.get("wall_s_last_invocation")
+    ]
+    return max(walls, default=default)
+
+
+def parse_stop_by(text: str | None, now: float | None = None) -> float | None:
+    """--stop-by HH:MM (local time, the next such moment) as a Unix time; None without one."""
+    if not text:
+        return None
+    try:
+        hours, minutes = (int(x) for x in text.split(":"))
+        if not (0 <= hours < 24 and 0 <= minutes < 60):
+            raise ValueError
+    except ValueError:
+        raise SystemExit(f"--stop-by takes HH:MM (local time), got {text!r}") from None
+    now = time.time() if now is None else now
+    local = time.localtime(now)
+    moment = time.mktime((*local[:3], hours, minutes, 0, 0, 0, local.tm_isdst))
+    return moment if moment > now else moment + 86400
+
+
 def phase_grid(cli) -> int:
     base = [*cli.set, *setting_overrides(cli)]
     budget, every = cli.budget_cpu_min * 60, cli.eval_every_cpu_min * 60
@@ -685,10 +752,20 @@ def phase_grid(cli) -> int:
     failed = []
     for seed in cli.seeds:  # every variant of a seed before the next seed
         for variant in cli.methods:
+            name = f"{variant} seed {seed}"
+            run, record = r1.run_dir_of(cli.out, variant, seed), record_dir(cli.out, variant, seed)
+            if (record / "done.json").is_file():
+                print(f"[skip] {name}: finished ({record})", flush=True)
+                continue
+            shared = has_base_eval(cli.out, seed, variant)
+            needs = expected_wall_min(cli.out, variant, cli.run_wall_min)
+            needs += 0 if shared else cli.base_eval_wall_min
+            if cli.stop_by and not (run / "done.json").is_file() and time.time() + 60 * needs > cli.stop_by:
+                left = max(0.0, (cli.stop_by - time.time()) / 60)
+                print(f"[stop] {name} needs ~{needs:.0f} wall-min, {left:.0f} left", flush=True)
+                return 1 if failed else 0
             overrides = [*base, *VARIANTS[variant][1]]
             per_step = calibrate(cli, variant, overrides)
-            run = r1.run_dir_of(cli.out, variant, seed)
-            shared = r1.shared_base_eval(cli.out, seed, exclude=variant, variants=tuple(VARIANTS))
             extra = [
                 *budgeted_run(
                     chosen_lr(cli, variant), seed, budget, horizon(budget, per_step, cli.steps_margin)
@@ -698,13 +775,16 @@ def phase_grid(cli) -> int:
             ]
             status = r1.train_once(
                 run,
-                f"{variant} seed {seed}",
+                name,
                 partial(_train_cmd, cli, run, [*overrides, *extra]),
                 {"variant": variant, "seed": seed},
                 dry_run=cli.dry_run,
                 keep_checkpoints=cli.keep_checkpoints,
             )
-            failed += [f"{variant} seed {seed}"] if status == "failed" else []
+            failed += [name] if status == "failed" else []
+            if status in ("done", "skipped"):
+                keep_record(run, record)
+                print(f"[kept] {name} -> {record} (commit it: the run folder is git-ignored)", flush=True)
     if failed:
         print(f"failed runs (rerun to resume): {', '.join(failed)}", flush=True)
     return 1 if failed else 0
@@ -917,9 +997,9 @@ def outcome_lines(groups: dict, quarters: int = 4) -> list[str]:
 
 
 def phase_report(cli) -> int:
-    groups = r1.load_groups(cli.out, VARIANTS)
+    groups = r1.load_groups(cli.out, VARIANTS, folder="grid")  # the finished runs' records
     if not groups:
-        print(f"no run folders under {cli.out / 'runs'}: nothing to report", flush=True)
+        print(f"no finished run records under {cli.out / 'grid'}: nothing to report", flush=True)
         return 1
     written = [
         write_table_v2(groups, cli.out),
@@ -1004,6 +1084,21 @@ def parse_args(argv=None):
         help="test + validation evaluation interval (each costs ~14 wall-minutes on 2 cores: 800 samples)",
     )
     g.add_argument("--keep-checkpoints", action="store_true")
+    g.add_argument(
+        "--stop-by",
+        metavar="HH:MM",
+        help="grid: start no run that would not finish by then (local time): a session's unfinished run is "
+        "lost with its machine, only the committed records under grid/ carry over",
+    )
+    g.add_argument(
+        "--run-wall-min",
+        type=float,
+        default=55.0,
+        help="grid: expected wall-minutes of a run before a record of its variant gives one",
+    )
+    g.add_argument(
+        "--base-eval-wall-min", type=float, default=16.0, help="grid: wall-minutes of a step-0 evaluation"
+    )
     g = p.add_argument_group("choices (instead of an earlier phase's)")
     g.add_argument("--use-task")
     g.add_argument("--use-max-new-tokens", type=int)
@@ -1029,6 +1124,7 @@ def parse_args(argv=None):
     if len(cli.success) != 2 or min(cli.lr_budget_cpu_min, cli.budget_cpu_min, cli.eval_every_cpu_min) <= 0:
         p.error("--success takes LO,HI; the CPU budgets must be > 0")
     cli.config, cli.out = cli.config.resolve(), cli.out.resolve()
+    cli.stop_by = parse_stop_by(cli.stop_by)
     return cli
 
 

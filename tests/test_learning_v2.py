@@ -6,8 +6,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -137,7 +140,25 @@ def test_every_phase_end_to_end(tmp_path, tiny_model_dir):
         c.startswith("train.cpu_budget_s=") for c in done["command"]
     )
 
-    _run(out, tiny_model_dir, "report")
+    # a finished run leaves a committed record (the run folder is git-ignored), and the calibration a copy
+    record = out / "grid" / "sgsd" / "seed-0"
+    assert {p.relative_to(record).as_posix() for p in record.rglob("*") if p.is_file()} == {
+        "config.yaml", "metrics.jsonl", "done.json",
+        *(f"eval/{d.name}/summary.json" for d in (out / "runs" / "sgsd" / "seed-0" / "eval").glob("step-*")),
+    }  # fmt: skip
+    assert (out / "lr" / "measured" / "sgsd.calibration.cpu_per_step.json").is_file()
+    shutil.rmtree(out / "runs")  # a later session's checkout: only the records are left
+    shutil.rmtree(out / "lr" / "calibration")
+    stop_by = time.strftime("%H:%M", time.localtime(time.time() + 300))
+    later = _run(out, tiny_model_dir, "grid", *grid[:2], "--seeds", "0,1", "--stop-by", stop_by,
+                 "--base-eval-wall-min", "30")  # fmt: skip
+    assert "[skip] sgsd seed 0: finished" in later.stdout
+    # seed 1: the seed-0 record's wall time plus its own step-0 evaluation, more than the 5 minutes left
+    needs = re.search(r"\[stop\] sgsd seed 1 needs ~(\d+) wall-min", later.stdout)
+    assert needs and 30 <= int(needs[1]) <= 32, later.stdout
+    assert not (out / "runs" / "sgsd").exists() and not (out / "lr" / "calibration").exists()
+
+    _run(out, tiny_model_dir, "report")  # from the records
     table = json.loads((out / "table.json").read_text())
     run = table["variants"]["sgsd"]["runs"][0]
     assert {"base", "final", "best_val_step", "best_val_test", "steps", "rollouts", "completion_tokens",
@@ -146,6 +167,15 @@ def test_every_phase_end_to_end(tmp_path, tiny_model_dir):
     assert "MDD = " in (out / "table.md").read_text()
     assert "Support by outcome" in (out / "diagnostics.md").read_text()
     assert (out / "learning.png").stat().st_size > 10_000
+
+
+def test_stop_by_is_the_next_such_local_moment():
+    now = time.mktime((2026, 12, 2, 11, 30, 0, 0, 0, -1))
+    assert lv2.parse_stop_by("14:05", now) - now == (2 * 60 + 35) * 60
+    assert 0 < lv2.parse_stop_by("11:00", now) - now <= 86400  # already past today: tomorrow
+    assert lv2.parse_stop_by(None) is None
+    with pytest.raises(SystemExit, match="HH:MM"):
+        lv2.parse_stop_by("2pm")
 
 
 def test_float_overrides_read_back_as_floats():
