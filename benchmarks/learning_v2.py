@@ -717,14 +717,16 @@ def has_base_eval(out: Path, seed: int, variant: str) -> bool:
     )
 
 
-def expected_wall_min(out: Path, variant: str, default: float) -> float:
-    """A run's expected wall-minutes: the longest finished record of the variant (evaluations included),
-    else `default`."""
-    walls = [
-        d["wall_s_last_invocation"] / 60
-        for path in (out / "grid" / variant).glob("seed-*/done.json")
-        if (d := read_json(path)) and d.get("wall_s_last_invocation")
-    ]
+def expected_wall_min(out: Path, variant: str, default: float, base_eval_min: float) -> float:
+    """A run's expected wall-minutes without a step-0 evaluation: the longest finished record of the
+    variant (evaluations included; less `base_eval_min` where the record made its seed's step-0
+    evaluation), else `default`."""
+    walls = []
+    for record in (out / "grid" / variant).glob("seed-*"):
+        wall_s = (read_json(record / "done.json") or {}).get("wall_s_last_invocation")
+        if wall_s:
+            made_base_eval = r1.base_eval_path(record).is_file()
+            walls.append(max(0.0, wall_s / 60 - (base_eval_min if made_base_eval else 0)))
     return max(walls, default=default)
 
 
@@ -758,7 +760,7 @@ def phase_grid(cli) -> int:
                 print(f"[skip] {name}: finished ({record})", flush=True)
                 continue
             shared = has_base_eval(cli.out, seed, variant)
-            needs = expected_wall_min(cli.out, variant, cli.run_wall_min)
+            needs = expected_wall_min(cli.out, variant, cli.run_wall_min, cli.base_eval_wall_min)
             needs += 0 if shared else cli.base_eval_wall_min
             if cli.stop_by and not (run / "done.json").is_file() and time.time() + 60 * needs > cli.stop_by:
                 left = max(0.0, (cli.stop_by - time.time()) / 60)
