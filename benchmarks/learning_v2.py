@@ -547,6 +547,7 @@ def calibrate(cli, variant: str, overrides: list[str]) -> float:
     if cli.dry_run:
         print(" ".join(cmd), flush=True)
         return math.nan
+    ignore_runs(folder.parent)  # the grid calibrates variants the lr phase did not
     if not run_cli(cmd, folder / "train.log", f"calibrate {variant}"):
         raise SystemExit(f"calibration of {variant} failed")
     cpu = [row["train_cpu_s"] for row in read_jsonl(run / "metrics.jsonl")]
