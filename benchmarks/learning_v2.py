@@ -885,8 +885,11 @@ def write_table_v2(groups: dict, out: Path) -> Path:
     summaries = {v: [run_summary(r) for r in runs] for v, runs in groups.items()}
 
     def ms(values, d=1):
-        m, s = r1.mean_std([float(x) for x in values])
-        return "–" if math.isnan(m) else f"{m:.{d}f} ± {s:.{d}f}"
+        values = [float(x) for x in values if not math.isnan(float(x))]
+        m, s = r1.mean_std(values)
+        if not values:
+            return "–"
+        return f"{m:.{d}f} ± {s:.{d}f}" if len(values) > 1 else f"{m:.{d}f}"  # one seed: no spread
 
     cols = ["base", "final", "best_val_test", "cpu_min", "steps", "rollouts", "completion_tokens"]
     rows = [
