@@ -153,7 +153,8 @@ def test_every_phase_end_to_end(tmp_path, tiny_model_dir):
     later = _run(out, tiny_model_dir, "grid", *grid[:2], "--seeds", "0,1", "--stop-by", stop_by,
                  "--base-eval-wall-min", "30")  # fmt: skip
     assert "[skip] sgsd seed 0: finished" in later.stdout
-    # seed 1: the seed-0 record's wall time plus its own step-0 evaluation, more than the 5 minutes left
+    # seed 1: the seed-0 record's wall time less the step-0 evaluation it made (about 0 here), plus seed 1's
+    # own step-0 evaluation (30): more than the 5 minutes left
     needs = re.search(r"\[stop\] sgsd seed 1 needs ~(\d+) wall-min", later.stdout)
     assert needs and 30 <= int(needs[1]) <= 32, later.stdout
     assert not (out / "runs" / "sgsd").exists() and not (out / "lr" / "calibration").exists()
@@ -165,6 +166,10 @@ def test_every_phase_end_to_end(tmp_path, tiny_model_dir):
             "cpu_min"} <= set(run)  # fmt: skip
     assert {"mdd_binomial", "samples", "seeds"} <= set(table["mdd"])
     assert "MDD = " in (out / "table.md").read_text()
+    variant_row = next(
+        line for line in (out / "table.md").read_text().splitlines() if line.startswith("| SGSD")
+    )
+    assert "±" not in variant_row  # one seed: a value, not "± 0.0"
     assert "Support by outcome" in (out / "diagnostics.md").read_text()
     assert (out / "learning.png").stat().st_size > 10_000
 
@@ -172,7 +177,7 @@ def test_every_phase_end_to_end(tmp_path, tiny_model_dir):
 def test_stop_by_is_the_next_such_local_moment():
     now = time.mktime((2026, 12, 2, 11, 30, 0, 0, 0, -1))
     assert lv2.parse_stop_by("14:05", now) - now == (2 * 60 + 35) * 60
-    assert 0 < lv2.parse_stop_by("11:00", now) - now <= 86400  # already past today: tomorrow
+    assert lv2.parse_stop_by("11:00", now) - now == (23 * 60 + 30) * 60  # already past today: tomorrow
     assert lv2.parse_stop_by(None) is None
     with pytest.raises(SystemExit, match="HH:MM"):
         lv2.parse_stop_by("2pm")
