@@ -111,6 +111,8 @@ def main(argv):
 
         save_file(state, str(run_dir / "final.safetensors"))
         (run_dir / "engine.txt").write_text(trainer.engine.kind)
+    trainer.acc.wait_for_everyone()  # as `sgsd train`: no rank exits while another still uses the group
+    trainer.acc.end_training()
 
 
 if __name__ == "__main__":

@@ -66,6 +66,10 @@ def run(args) -> int:
         from sgsd.summary import format_summary, run_summary
 
         print(format_summary(run_summary(run_dir, wall_s=time.perf_counter() - started), "sgsd train"))
+    # every rank leaves the process group together: a rank that exits while gloo's threads still serve
+    # another can abort ("terminate called without an active exception", exit -6)
+    trainer.acc.wait_for_everyone()
+    trainer.acc.end_training()
     return 0
 
 
