@@ -712,10 +712,8 @@ def keep_record(run: Path, record: Path) -> None:
 
 def has_base_eval(out: Path, seed: int, variant: str) -> bool:
     """Whether another variant of this seed already has its step-0 evaluation, in a run folder or a record."""
-    others = [v for v in VARIANTS if v != variant]
-    return r1.shared_base_eval(out, seed, exclude=variant, variants=tuple(VARIANTS)) is not None or any(
-        r1.base_eval_path(record_dir(out, v, seed)).is_file() for v in others
-    )
+    folders = (f(out, v, seed) for v in VARIANTS if v != variant for f in (r1.run_dir_of, record_dir))
+    return any(r1.base_eval_path(folder).is_file() for folder in folders)
 
 
 def expected_wall_min(out: Path, variant: str, default: float, base_eval_min: float) -> float:
@@ -885,10 +883,10 @@ def write_table_v2(groups: dict, out: Path) -> Path:
     summaries = {v: [run_summary(r) for r in runs] for v, runs in groups.items()}
 
     def ms(values, d=1):
-        values = [float(x) for x in values if not math.isnan(float(x))]
-        m, s = r1.mean_std(values)
+        values = [v for v in map(float, values) if not math.isnan(v)]
         if not values:
             return "–"
+        m, s = r1.mean_std(values)
         return f"{m:.{d}f} ± {s:.{d}f}" if len(values) > 1 else f"{m:.{d}f}"  # one seed: no spread
 
     cols = ["base", "final", "best_val_test", "cpu_min", "steps", "rollouts", "completion_tokens"]
