@@ -137,13 +137,11 @@ def base_eval_path(run_dir: Path) -> Path:
     return run_dir / "eval" / "step-000000" / "summary.json"
 
 
-def shared_base_eval(
-    out: Path, seed: int, exclude: str, variants: Sequence[str] = tuple(VARIANTS)
-) -> Path | None:
+def shared_base_eval(out: Path, seed: int, exclude: str) -> Path | None:
     """The step-0 evaluation of another variant with this seed, if one exists. Step 0 is the same for
     every variant of a seed (same model with a zero LoRA update, same held-out problems, same eval
     seed `train.seed + 17`), so only the first run of a seed evaluates it; the others reuse it."""
-    for variant in variants:
+    for variant in VARIANTS:
         path = base_eval_path(run_dir_of(out, variant, seed))
         if variant != exclude and path.is_file():
             return path
