@@ -181,9 +181,12 @@ def test_extraction_mode_is_checked():
     assert verifier.reward("So 7.", 7, extraction="free") == 1.0
 
 
-def test_free_mode_never_evaluates_text_as_code(tmp_path):
+def test_free_mode_never_evaluates_text_as_code(tmp_path, monkeypatch):
+    # A relative marker keeps digits out of the completion: free mode reads the last number, and a
+    # temporary folder such as pytest-0 would otherwise supply the gold "0" (os.system's return value).
+    monkeypatch.chdir(tmp_path)
     marker = tmp_path / "pwned"
-    code = f"__import__('os').system('touch {marker}')"
+    code = "__import__('os').system('touch pwned')"
     for completion in (f"The answer is {code}", f"${code}$", code, f"Answer $ {code} $ 5"):
         assert grade(completion, "0", extraction="free") is False
     assert not marker.exists()
