@@ -808,6 +808,7 @@ def run_summary(run) -> dict:
         "finished": getattr(run, "done", False),
         "base": test.get(0, math.nan),
         "final": test[max(test)] if test else math.nan,
+        "gain": (test[max(test)] if test else math.nan) - test.get(0, math.nan),  # the same seed's base
         "best_val_step": best,
         "best_val": val.get(best, math.nan),
         "best_val_test": test.get(best, math.nan) if best is not None else math.nan,
@@ -889,12 +890,15 @@ def write_table_v2(groups: dict, out: Path) -> Path:
         m, s = r1.mean_std(values)
         return f"{m:.{d}f} ± {s:.{d}f}" if len(values) > 1 else f"{m:.{d}f}"  # one seed: no spread
 
-    cols = ["base", "final", "best_val_test", "cpu_min", "steps", "rollouts", "completion_tokens"]
+    cols = ["base", "final", "gain", "best_val_test", "cpu_min", "steps", "rollouts", "completion_tokens"]
     rows = [
         [
             groups[v][0].label,
             len(rows_),
-            *(ms([s[c] for s in rows_], 0 if c in cols[4:] else 1) for c in cols),
+            *(
+                ms([s[c] for s in rows_], 0 if c in ("steps", "rollouts", "completion_tokens") else 1)
+                for c in cols
+            ),
         ]
         for v, rows_ in summaries.items()
     ]
@@ -903,7 +907,8 @@ def write_table_v2(groups: dict, out: Path) -> Path:
     lines = [
         "# Learning benchmark, second round: test avg@k at equal training CPU time",
         "",
-        "Test avg@k (%) mean ± std over seeds (ddof=1). Base = step 0; final = last evaluation; best-val → test = "
+        "Test avg@k (%) mean ± std over seeds (ddof=1). Base = step 0; final = last evaluation; gain = final − "
+        "base of the same seed (points); best-val → test = "
         "the test score at the evaluation with the best validation avg@k (after step 0, earliest on ties). "
         "Compute per run: training CPU-minutes (process CPU time of the training steps, every thread; "
         "evaluation excluded), optimizer steps, rollouts and completion tokens generated.",
@@ -914,6 +919,7 @@ def write_table_v2(groups: dict, out: Path) -> Path:
                 "Seeds",
                 "Base",
                 "Final",
+                "Gain",
                 "Best-val → test",
                 "CPU-min",
                 "Steps",

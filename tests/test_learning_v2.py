@@ -229,3 +229,28 @@ def test_sgsd_ablations_take_sgsds_learning_rate(tmp_path):
     assert lv2.chosen_lr(cli, "grpo") == 5e-6
     with pytest.raises(SystemExit, match="no learning rate chosen for opsd"):
         lv2.chosen_lr(cli, "opsd")
+
+
+def test_table_gain_is_final_less_the_same_seeds_base(tmp_path):
+    from types import SimpleNamespace
+
+    def summary(test, val=None):  # avg@k fractions as sgsd eval writes them
+        return {
+            "results": {"t": {"avg@k": test, "n_problems": 10, "k": 4}},
+            **({"validation": {"v": {"avg@k": val}}} if val else {}),
+        }
+
+    def run(seed, base, mid, final):
+        evals = {0: summary(base), 5: summary(mid, 0.5), 10: summary(final, 0.4)}
+        return SimpleNamespace(seed=seed, label="GRPO", evals=evals, done=True, metrics=[{"step": 10}])
+
+    groups = {"grpo": [run(0, 0.40, 0.45, 0.50), run(1, 0.30, 0.20, 0.36)]}
+    lv2.write_table_v2(groups, tmp_path)
+    runs = json.loads((tmp_path / "table.json").read_text())["variants"]["grpo"]["runs"]
+    assert [r["gain"] for r in runs] == pytest.approx([10.0, 6.0])  # 50 − 40, 36 − 30 (points)
+    assert [r["best_val_test"] for r in runs] == pytest.approx([45.0, 20.0])  # step 5 has the best validation
+    row = next(
+        line for line in (tmp_path / "table.md").read_text().splitlines() if line.startswith("| GRPO | 2")
+    )
+    # base 35.0 ± 7.1, final 43.0 ± 9.9, gain 8.0 ± 2.8 (stdev of 10 and 6 = 2.83)
+    assert "| 35.0 ± 7.1 | 43.0 ± 9.9 | 8.0 ± 2.8 | 32.5 ± 17.7 |" in row, row
