@@ -803,12 +803,13 @@ def run_summary(run) -> dict:
     val = {s: validation_score(v) for s, v in evals.items() if s > 0 and not math.isnan(validation_score(v))}
     best = max(val, key=lambda s: (val[s], -s)) if val else None  # ties: the earliest step
     last = run.metrics[-1] if run.metrics else {}
+    final = test[max(test)] if test else math.nan
     return {
         "seed": run.seed,
         "finished": getattr(run, "done", False),
         "base": test.get(0, math.nan),
-        "final": test[max(test)] if test else math.nan,
-        "gain": (test[max(test)] if test else math.nan) - test.get(0, math.nan),  # the same seed's base
+        "final": final,
+        "gain": final - test.get(0, math.nan),  # the same seed's base
         "best_val_step": best,
         "best_val": val.get(best, math.nan),
         "best_val_test": test.get(best, math.nan) if best is not None else math.nan,
