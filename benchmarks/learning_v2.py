@@ -879,6 +879,72 @@ def mdd_lines(groups: dict, summaries: dict, seeds: int) -> tuple[list[str], dic
     return lines, data
 
 
+def gain_interval(gains: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+    """Mean of per-seed gains (points) and the half-width of its two-sided Student-t interval over seeds
+    (df = seeds − 1; nan with fewer than two seeds): the seed is the unit, since the variants of a seed
+    share its step-0 evaluation."""
+    values = [float(g) for g in gains if not math.isnan(float(g))]
+    if not values:
+        return math.nan, math.nan
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, math.nan
+    from scipy.stats import t
+
+    half = t.ppf(0.5 + level / 2, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return mean, float(half)
+
+
+def gain_lines(summaries: dict, labels: dict[str, str]) -> tuple[list[str], dict]:
+    """Markdown and data: does training move the test score? Per variant the mean gain over its seeds with
+    a 95% t-interval; over all variants, each seed's mean gain across the variants, then the same
+    interval over seeds."""
+    per_seed: dict[int, list[float]] = {}
+    rows, data = [], {}
+    for v, runs in summaries.items():
+        gains = [s["gain"] for s in runs if not math.isnan(s["gain"])]
+        for s in runs:
+            if not math.isnan(s["gain"]):
+                per_seed.setdefault(s["seed"], []).append(s["gain"])
+        mean, half = gain_interval(gains)
+        data[v] = {"gains": gains, "mean": mean, "ci95_half": half}
+        rows.append(
+            [
+                labels.get(v, v),
+                len(gains),
+                f"{mean:+.1f}" if not math.isnan(mean) else "–",
+                _interval(mean, half),
+            ]
+        )
+    seed_means = [statistics.fmean(g) for _, g in sorted(per_seed.items())]
+    mean, half = gain_interval(seed_means)
+    data["all_variants"] = {"seed_means": seed_means, "mean": mean, "ci95_half": half}
+    rows.append(
+        [
+            "all variants (seed means)",
+            len(seed_means),
+            f"{mean:+.1f}" if seed_means else "–",
+            _interval(mean, half),
+        ]
+    )
+    lines = [
+        "## Does training move the test score?",
+        "",
+        "Gain = final − base of the same seed (points). 95% Student-t interval over seeds (df = seeds − 1); "
+        "for all variants together the unit is the seed (its variants share one step-0 evaluation): each "
+        "seed's mean gain across the variants, then the interval over seeds. An interval that contains 0 "
+        "does not show learning; one that excludes it rests on seeds − 1 degrees of freedom, so two or three "
+        "close gains can make it narrow by luck.",
+        "",
+        *_md_table(["Variant", "Seeds", "Mean gain", "95% interval"], rows),
+    ]
+    return lines, data
+
+
+def _interval(mean: float, half: float) -> str:
+    return "–" if math.isnan(half) else f"[{mean - half:+.1f}, {mean + half:+.1f}]"
+
+
 def write_table_v2(groups: dict, out: Path) -> Path:
     from sgsd.fileio import atomic_write_json, atomic_write_text
 
@@ -905,6 +971,7 @@ def write_table_v2(groups: dict, out: Path) -> Path:
     ]
     seeds = max((len(r) for r in summaries.values()), default=0)
     mdd, mdd_data = mdd_lines(groups, summaries, max(seeds, 1))
+    gains, gain_data = gain_lines(summaries, {v: runs[0].label for v, runs in groups.items()})
     lines = [
         "# Learning benchmark, second round: test avg@k at equal training CPU time",
         "",
@@ -930,6 +997,7 @@ def write_table_v2(groups: dict, out: Path) -> Path:
             rows,
         ),
         *mdd,
+        *gains,
         "## Runs",
         "",
     ]
@@ -975,6 +1043,7 @@ def write_table_v2(groups: dict, out: Path) -> Path:
         {
             "variants": {v: {"label": groups[v][0].label, "runs": s} for v, s in summaries.items()},
             "mdd": mdd_data,
+            "gain": gain_data,
         },
     )
     path = out / "table.md"

@@ -254,3 +254,26 @@ def test_table_gain_is_final_less_the_same_seeds_base(tmp_path):
     )
     # base 35.0 ± 7.1, final 43.0 ± 9.9, gain 8.0 ± 2.8 (stdev of 10 and 6 = 2.83)
     assert "| 35.0 ± 7.1 | 43.0 ± 9.9 | 8.0 ± 2.8 | 32.5 ± 17.7 |" in row, row
+
+
+def test_gain_interval_is_the_t_interval_over_seeds():
+    # gains 1, 3, 5: mean 3, stdev 2, standard error 2/√3 = 1.1547; t_0.975 at df 2 = 4.3027 → 4.968
+    mean, half = lv2.gain_interval([1.0, 3.0, 5.0])
+    assert mean == pytest.approx(3.0)
+    assert half == pytest.approx(4.3027 * 2 / math.sqrt(3), rel=1e-4)
+    assert math.isnan(lv2.gain_interval([2.0])[1])  # one seed: no interval
+    assert all(math.isnan(x) for x in lv2.gain_interval([]))
+
+
+def test_gain_lines_pool_variants_per_seed():
+    summaries = {
+        "grpo": [{"seed": 0, "gain": 0.0}, {"seed": 1, "gain": 6.0}],
+        "sgsd": [{"seed": 0, "gain": 2.0}, {"seed": 1, "gain": 2.0}],
+    }
+    lines, data = lv2.gain_lines(summaries, {"grpo": "GRPO", "sgsd": "SGSD"})
+    # seed means: (0 + 2) / 2 = 1 and (6 + 2) / 2 = 4 → mean 2.5, stdev 2.1213, se 1.5, t_0.975 at df 1 = 12.706
+    assert data["all_variants"]["seed_means"] == pytest.approx([1.0, 4.0])
+    assert data["all_variants"]["ci95_half"] == pytest.approx(12.706 * 1.5, rel=1e-4)
+    assert data["sgsd"]["ci95_half"] == pytest.approx(0.0)  # equal gains: no spread
+    assert "| SGSD | 2 | +2.0 | [+2.0, +2.0] |" in lines
+    assert any(line.startswith("| all variants (seed means) | 2 | +2.5 | [-16.6, +21.6] |") for line in lines)
