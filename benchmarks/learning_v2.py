@@ -902,17 +902,17 @@ def gain_lines(summaries: dict, labels: dict[str, str]) -> tuple[list[str], dict
     per_seed: dict[int, list[float]] = {}
     rows, data = [], {}
     for v, runs in summaries.items():
-        gains = [s["gain"] for s in runs if not math.isnan(s["gain"])]
-        for s in runs:
-            if not math.isnan(s["gain"]):
-                per_seed.setdefault(s["seed"], []).append(s["gain"])
+        scored = [s for s in runs if not math.isnan(s["gain"])]
+        gains = [s["gain"] for s in scored]
+        for s in scored:
+            per_seed.setdefault(s["seed"], []).append(s["gain"])
         mean, half = gain_interval(gains)
         data[v] = {"gains": gains, "mean": mean, "ci95_half": half}
         rows.append(
             [
                 labels.get(v, v),
                 len(gains),
-                f"{mean:+.1f}" if not math.isnan(mean) else "–",
+                _signed(mean),
                 _interval(mean, half),
             ]
         )
@@ -923,7 +923,7 @@ def gain_lines(summaries: dict, labels: dict[str, str]) -> tuple[list[str], dict
         [
             "all variants (seed means)",
             len(seed_means),
-            f"{mean:+.1f}" if seed_means else "–",
+            _signed(mean),
             _interval(mean, half),
         ]
     )
@@ -939,6 +939,10 @@ def gain_lines(summaries: dict, labels: dict[str, str]) -> tuple[list[str], dict
         *_md_table(["Variant", "Seeds", "Mean gain", "95% interval"], rows),
     ]
     return lines, data
+
+
+def _signed(x: float) -> str:
+    return "–" if math.isnan(x) else f"{x:+.1f}"
 
 
 def _interval(mean: float, half: float) -> str:
