@@ -803,13 +803,13 @@ def run_summary(run) -> dict:
     val = {s: validation_score(v) for s, v in evals.items() if s > 0 and not math.isnan(validation_score(v))}
     best = max(val, key=lambda s: (val[s], -s)) if val else None  # ties: the earliest step
     last = run.metrics[-1] if run.metrics else {}
-    final = test[max(test)] if test else math.nan
+    base, final = test.get(0, math.nan), test[max(test)] if test else math.nan
     return {
         "seed": run.seed,
         "finished": getattr(run, "done", False),
-        "base": test.get(0, math.nan),
+        "base": base,
         "final": final,
-        "gain": final - test.get(0, math.nan),  # the same seed's base
+        "gain": final - base,  # the same seed's base
         "best_val_step": best,
         "best_val": val.get(best, math.nan),
         "best_val_test": test.get(best, math.nan) if best is not None else math.nan,
@@ -899,34 +899,23 @@ def gain_lines(summaries: dict, labels: dict[str, str]) -> tuple[list[str], dict
     """Markdown and data: does training move the test score? Per variant the mean gain over its seeds with
     a 95% t-interval; over all variants, each seed's mean gain across the variants, then the same
     interval over seeds."""
+    rows: list[list] = []
+
+    def summarise(label: str, gains: list[float]) -> dict:
+        mean, half = gain_interval(gains)
+        rows.append([label, len(gains), _signed(mean), _interval(mean, half)])
+        return {"mean": mean, "ci95_half": half}
+
     per_seed: dict[int, list[float]] = {}
-    rows, data = [], {}
+    data = {}
     for v, runs in summaries.items():
         scored = [s for s in runs if not math.isnan(s["gain"])]
-        gains = [s["gain"] for s in scored]
         for s in scored:
             per_seed.setdefault(s["seed"], []).append(s["gain"])
-        mean, half = gain_interval(gains)
-        data[v] = {"gains": gains, "mean": mean, "ci95_half": half}
-        rows.append(
-            [
-                labels.get(v, v),
-                len(gains),
-                _signed(mean),
-                _interval(mean, half),
-            ]
-        )
+        gains = [s["gain"] for s in scored]
+        data[v] = {"gains": gains, **summarise(labels.get(v, v), gains)}
     seed_means = [statistics.fmean(g) for _, g in sorted(per_seed.items())]
-    mean, half = gain_interval(seed_means)
-    data["all_variants"] = {"seed_means": seed_means, "mean": mean, "ci95_half": half}
-    rows.append(
-        [
-            "all variants (seed means)",
-            len(seed_means),
-            _signed(mean),
-            _interval(mean, half),
-        ]
-    )
+    data["all_variants"] = {"seed_means": seed_means, **summarise("all variants (seed means)", seed_means)}
     lines = [
         "## Does training move the test score?",
         "",
